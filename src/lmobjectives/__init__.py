@@ -1,0 +1,1 @@
+"""lmobjectives: pre-training objectives for language models."""

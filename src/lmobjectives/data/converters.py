@@ -1,0 +1,131 @@
+"""Converters: architecture-neutral ``Features`` -> the model's batch, in HF conventions
+(``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` with -100 ignored,
+``decoder_input_ids``). Idea from seqio's feature converters.
+
+``labels`` follow the convention of the HF class each architecture maps to: unshifted for
+decoders (position t's logits score ``labels[t + 1]``), aligned for encoders and
+encoder-decoders. ``CAUSAL_SHIFT`` tells the loss which is which.
+
+Prefix-LM worked example (PAD = 1): inputs [[7, 8, 1]], input_lengths [2], targets [[9, 4]]::
+
+    input_ids      = [[7, 8, 9, 4]]          # inputs compacted, then targets
+    labels         = [[-100, -100, 9, 4]]
+    attention_mask = 4-D boolean (B, 1, L, L): row i sees j when j < 2 (the prefix, both ways)
+                     or j <= i (causal); padding is never seen.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from lmobjectives.objectives.base import Features
+from lmobjectives.tokenizer.special import SpecialIds
+
+IGNORE = -100
+Batch = dict[str, np.ndarray]
+
+# Which architectures' labels are scored one position later than their logits.
+CAUSAL_SHIFT = {"decoder": True, "prefix_lm": True, "encoder": False, "encoder_decoder": False}
+
+
+def _labels(targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, targets, IGNORE).astype(np.int64)
+
+
+def to_decoder(f: Features, specials: SpecialIds) -> Batch:
+    """Single-stream features -> causal decoder batch. Padding sits at row ends only, so a
+    causal mask already keeps it out of every real token's context."""
+    if f.inputs is not None:
+        return to_prefix_lm(f, specials)
+    B, T = f.targets.shape
+    positions = f.positions if f.positions is not None else np.broadcast_to(np.arange(T), (B, T))
+    return {
+        "input_ids": f.targets.astype(np.int64),
+        "position_ids": positions.astype(np.int64),
+        "labels": _labels(f.targets, f.target_mask),
+    }
+
+
+def _target_lengths(f: Features) -> np.ndarray:
+    if f.target_lengths is not None:
+        return f.target_lengths
+    return np.full(f.targets.shape[0], f.targets.shape[1], dtype=np.int32)
+
+
+def to_prefix_lm(f: Features, specials: SpecialIds) -> Batch:
+    """Conditioned features -> one decoder sequence: inputs (bidirectional) then targets (causal)."""
+    if f.inputs is None:
+        return to_decoder(f, specials)
+    B, S = f.inputs.shape
+    T = f.targets.shape[1]
+    n_in = f.input_lengths.astype(np.int64)
+    n_tg = _target_lengths(f).astype(np.int64)
+    L = int((n_in + n_tg).max())
+    col = np.arange(L)[None, :]  # (1, L)
+    in_part = col < n_in[:, None]  # (B, L)
+    tg_idx = np.clip(col - n_in[:, None], 0, T - 1)  # (B, L)
+    tg_part = ~in_part & (col - n_in[:, None] < n_tg[:, None])
+    rows = np.arange(B)[:, None]
+    tokens = np.where(in_part, f.inputs[rows, np.minimum(col, S - 1)], f.targets[rows, tg_idx])
+    tokens = np.where(in_part | tg_part, tokens, specials.pad)
+    scored = tg_part & f.target_mask[rows, tg_idx]
+    valid = in_part | tg_part  # (B, L)
+    causal = np.tril(np.ones((L, L), dtype=bool))[None]  # (1, L, L)
+    bidir = in_part[:, None, :] & in_part[:, :, None]  # (B, L, L) prefix sees prefix
+    mask = (causal | bidir) & valid[:, None, :] & valid[:, :, None]
+    # Padding rows see themselves so softmax stays finite; their labels are ignored anyway.
+    mask |= np.eye(L, dtype=bool)[None]
+    return {
+        "input_ids": tokens.astype(np.int64),
+        "position_ids": np.broadcast_to(col, (B, L)).astype(np.int64).copy(),
+        "attention_mask": mask[:, None],  # (B, 1, L, L)
+        "labels": _labels(tokens, scored),
+    }
+
+
+def to_encoder(f: Features, specials: SpecialIds) -> Batch:
+    """Aligned features (MLM) -> encoder batch: read ``inputs``, score ``targets`` where masked."""
+    inputs = f.inputs if f.inputs is not None else f.targets
+    return {
+        "input_ids": inputs.astype(np.int64),
+        "attention_mask": (inputs != specials.pad).astype(np.int64),
+        "labels": _labels(f.targets, f.target_mask),
+    }
+
+
+def to_encoder_decoder(f: Features, specials: SpecialIds) -> Batch:
+    """Conditioned features -> T5-style batch; the decoder starts from PAD as T5 does."""
+    if f.inputs is None:
+        raise ValueError("encoder-decoder needs conditioned features (inputs and targets)")
+    B, S = f.inputs.shape
+    n_in = f.input_lengths[:, None]
+    n_tg = _target_lengths(f)[:, None]
+    T = f.targets.shape[1]
+    decoder_inputs = np.full_like(f.targets, specials.pad)
+    decoder_inputs[:, 1:] = f.targets[:, :-1]
+    tg_valid = np.arange(T)[None, :] < n_tg
+    return {
+        "input_ids": f.inputs.astype(np.int64),
+        "attention_mask": (np.arange(S)[None, :] < n_in).astype(np.int64),
+        "decoder_input_ids": decoder_inputs.astype(np.int64),
+        "decoder_attention_mask": tg_valid.astype(np.int64),
+        "labels": _labels(f.targets, f.target_mask & tg_valid),
+    }
+
+
+CONVERTERS: dict[str, Callable[[Features, SpecialIds], Batch]] = {
+    "decoder": to_decoder,
+    "prefix_lm": to_prefix_lm,
+    "encoder": to_encoder,
+    "encoder_decoder": to_encoder_decoder,
+}
+
+
+def count_targets(batch: Batch, architecture: str) -> int:
+    """Number of scored target tokens, after the causal shift where there is one."""
+    labels = batch["labels"]
+    if CAUSAL_SHIFT[architecture]:
+        labels = labels[:, 1:]
+    return int((labels != IGNORE).sum())

@@ -1,0 +1,47 @@
+"""Pre-training objectives, each a pure numpy transform (see ``base``). The registry below is
+the one place that lists them; ``build_objective`` makes one from its name and parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from lmobjectives.errors import UserError
+from lmobjectives.objectives.base import Features, Objective, Rows
+from lmobjectives.objectives.clm import CLM
+from lmobjectives.tokenizer.special import SpecialIds
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    CLM.name: CLM,
+}
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        close = difflib.get_close_matches(name, OBJECTIVES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown objective '{name}'{hint} (known: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name]
+
+
+def objective_param_names(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(objective_class(name)) if f.name != "specials"]
+
+
+def build_objective(name: str, params: dict[str, object], specials: SpecialIds) -> Objective:
+    """Make an objective; an unknown parameter is an error that names the closest valid one."""
+    cls = objective_class(name)
+    known = objective_param_names(name)
+    for key in params:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean 'objective.{close[0]}'?" if close else ""
+            raise UserError(f"objective '{name}' has no parameter '{key}'{hint} "
+                            f"(parameters: {', '.join(known) or 'none'})")
+    try:
+        return cls(specials=specials, **params)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad parameters for objective '{name}': {exc}") from None
+
+
+__all__ = ["OBJECTIVES", "Features", "Objective", "Rows", "build_objective", "objective_class"]

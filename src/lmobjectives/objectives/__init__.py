@@ -28,8 +28,11 @@ def objective_param_names(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(objective_class(name)) if f.name != "specials"]
 
 
-def build_objective(name: str, params: dict[str, object], specials: SpecialIds) -> Objective:
-    """Make an objective; an unknown parameter is an error that names the closest valid one."""
+def build_objective(name: str, params: dict[str, object], specials: SpecialIds,
+                    tokenizer: object | None = None) -> Objective:
+    """Make an objective; an unknown parameter is an error that names the closest valid one.
+    Objectives that need tables derived from the tokenizer (FIM's byte pieces, whole-word
+    starts) build them in their ``from_tokenizer`` classmethod."""
     cls = objective_class(name)
     known = objective_param_names(name)
     for key in params:
@@ -39,6 +42,8 @@ def build_objective(name: str, params: dict[str, object], specials: SpecialIds) 
             raise UserError(f"objective '{name}' has no parameter '{key}'{hint} "
                             f"(parameters: {', '.join(known) or 'none'})")
     try:
+        if tokenizer is not None and hasattr(cls, "from_tokenizer"):
+            return cls.from_tokenizer(tokenizer, specials=specials, **params)
         return cls(specials=specials, **params)
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad parameters for objective '{name}': {exc}") from None

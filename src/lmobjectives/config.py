@@ -1,0 +1,180 @@
+"""The run configuration: typed, strict, frozen (pydantic), resolved once and written to the
+run's ``config.yaml``. An unknown key or a bad value is a ``UserError`` naming the key and the
+closest valid one. ``--set a.b=value`` edits any key; ``objective.PARAM`` is shorthand for
+``objective_params.PARAM``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmobjectives.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Strict):
+    preset: str = "small"
+    init_from: str | None = None  # HF model directory or run directory: fresh start from its weights
+    config: dict[str, Any] = Field(default_factory=dict)  # transformers config overrides
+    compile: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the CPU/GPU has it
+
+
+class MixSource(_Strict):
+    path: str
+    weight: float = Field(gt=0)
+
+
+class DataConfig(_Strict):
+    corpus: list[str] = Field(default_factory=lambda: ["default"])
+    store: str | None = None  # a prepared store; else one is prepared inside the run
+    mix: list[MixSource] = Field(default_factory=list)  # replay mixing: several stores/corpora
+    tokenizer: str | None = None  # None: the shipped default tokenizer (or the store's)
+    seq_len: int = Field(256, ge=8)
+    val_fraction: float = Field(0.01, ge=0, lt=1)
+    encoding: Literal["strict", "replace", "skip"] = "skip"
+    text_field: str = "text"
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(150, ge=0)
+    batch_size: int = Field(16, ge=1)  # per-device micro-batch, in rows
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_fraction: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.1, gt=0, le=1)  # WSD: share of steps spent decaying (MiniCPM)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(50, ge=0)  # 0: only at the end
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(50, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=2)
+    max_bad_steps: int = Field(5, ge=1)  # non-finite loss/grad this many steps in a row stops the run
+    spike_zscore: float = Field(6.0, gt=0)
+    spike_window: int = Field(50, ge=5)
+    spike_action: Literal["log", "skip"] = "log"
+
+
+class RunConfig(_Strict):
+    objective: str = "clm"
+    objective_params: dict[str, Any] = Field(default_factory=dict)
+    architecture: str | None = None  # None: the objective's default
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
+
+    @model_validator(mode="after")
+    def _known_objective(self) -> "RunConfig":
+        from lmobjectives.objectives import objective_class
+
+        cls = objective_class(self.objective)
+        if self.architecture is not None and self.architecture not in cls.architectures:
+            raise ValueError(f"objective '{self.objective}' trains {', '.join(cls.architectures)}, "
+                             f"not '{self.architecture}'")
+        return self
+
+    @property
+    def resolved_architecture(self) -> str:
+        from lmobjectives.objectives import objective_class
+
+        return self.architecture or objective_class(self.objective).architectures[0]
+
+
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_fields
+
+
+def _suggest(key_path: list[str]) -> str:
+    """Closest valid dotted key to an unknown one."""
+    model: type[BaseModel] = RunConfig
+    good: list[str] = []
+    for part in key_path:
+        fields = _fields(model)
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            return ".".join(good + [close[0]]) if close else ""
+        good.append(part)
+        ann = fields[part].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return ""
+    return ""
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "config"
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(loc)
+            lines.append(f"unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"bad value for '{key}': {msg}")
+    return "; ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalars and lists (``3``, ``1e-3``, ``true``, ``[a, b]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_set(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise UserError(f"--set takes key=value, got '{assignment}'")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] == "objective" and len(parts) > 1:
+        parts = ["objective_params", *parts[1:]]
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: '{p}' is not a group of keys")
+    node[parts[-1]] = parse_value(value)
+
+
+def build_config(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_explain(exc)) from None
+    except UserError:
+        raise
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} must hold a mapping of config keys")
+    return tree
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,103 @@
+"""Evaluation: the objective's own loss and top-1 accuracy on held-out rows, and
+bits-per-byte of left-to-right scoring for models that can score text left to right.
+
+Bits-per-byte = (nats summed over scored tokens) / (UTF-8 bytes those tokens encode) / ln 2.
+Special tokens (EOS, PAD, sentinels) encode no bytes and are left out of both sums, so the
+number compares across tokenizers and objectives (the nanochat ``evaluate_bpb`` rule).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmobjectives.data.loader import PackedSource
+from lmobjectives.loss import IGNORE
+from lmobjectives.objectives.base import Rows
+from lmobjectives.objectives.clm import CLM
+from lmobjectives.data.converters import to_decoder
+from lmobjectives.train.module import StandardModule, TrainModule, to_torch
+
+EVAL_SEED = 1234  # objectives' randomness on validation rows: fixed, so evals compare across steps
+LEFT_TO_RIGHT = ("decoder", "prefix_lm")
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:  # noqa: ANN001 - tokenizers.Tokenizer
+    """UTF-8 bytes each token id stands for under a byte-level BPE; 0 for added (special) tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    out = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for piece, idx in vocab.items():
+        if piece in added or idx >= len(out):
+            continue
+        out[idx] = sum(1 for ch in piece if ch in alphabet) if all(ch in alphabet for ch in piece) \
+            else len(piece.encode())
+    return out
+
+
+def val_batches(source: PackedSource, batch_size: int, n_batches: int) -> list[Rows]:
+    """The first ``n_batches`` of the (unshuffled) validation split, wrapping if it is short."""
+    out = []
+    for i in range(n_batches):
+        ks = np.arange(i * batch_size, (i + 1) * batch_size) % source.rows_per_epoch
+        out.append(source.rows(ks))
+    return out
+
+
+@torch.no_grad()
+def objective_eval(run, rows_list: list[Rows], module: TrainModule | None = None) -> dict[str, Any]:  # noqa: ANN001
+    module = module or run.module
+    nll = correct = count = 0.0
+    was_training = module.model.training
+    module.model.eval()
+    try:
+        for i, rows in enumerate(rows_list):
+            features = run.objective(rows, np.random.default_rng([EVAL_SEED, i]))
+            batch = run.converter(features, run.specials)
+            n = module.counts(batch)
+            out = module.forward_backward(to_torch(batch, run.device),
+                                          torch.as_tensor(n, dtype=torch.float32), backward=False)
+            nll += float(out["nll"][0])
+            correct += float(out["correct"][0])
+            count += float(n[0])
+    finally:
+        module.model.train(was_training)
+    loss = nll / max(count, 1)
+    return {"loss": loss, "accuracy": correct / max(count, 1), "targets": int(count)}
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_lengths: np.ndarray,  # noqa: ANN001
+                  device: torch.device, bf16: bool = False) -> dict[str, Any]:
+    """Left-to-right scoring of plain text rows (CLM features) by a decoder."""
+    module = StandardModule(model, "decoder", bf16=bf16)
+    clm = CLM(specials=specials)
+    nats = 0.0
+    n_bytes = n_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in rows_list:
+            batch = to_decoder(clm(rows, np.random.default_rng(0)), specials)
+            labels = batch["labels"]
+            nbytes = np.where(labels >= 0, byte_lengths[np.maximum(labels, 0)], 0)
+            keep = nbytes > 0  # special-token targets carry no bytes: out of both sums
+            batch["labels"] = np.where(keep, labels, IGNORE)
+            logits = module.logits(to_torch(batch, device))  # (B, T, V)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+            lab = torch.from_numpy(batch["labels"][:, 1:]).to(device)  # (B, T-1)
+            valid = lab != IGNORE
+            picked = logp.gather(-1, lab.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+            nats -= float(picked[valid].sum())
+            n_bytes += int(nbytes[:, 1:][keep[:, 1:]].sum())
+            n_tokens += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return {"bits_per_byte": nats / max(n_bytes, 1) / math.log(2), "bpb_tokens": n_tokens,
+            "bytes": n_bytes, "lm_loss": nats / max(n_tokens, 1)}

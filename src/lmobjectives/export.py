@@ -1,0 +1,32 @@
+"""Export to the HF ecosystem: ``save_pretrained`` weights (safetensors) + the HF tokenizer,
+so ``AutoModelFor*.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)`` load it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmobjectives.tokenizer import save_hf_tokenizer
+from lmobjectives.util import publish_dir
+
+
+def export_model(model: torch.nn.Module, tokenizer, out: str | Path) -> Path:  # noqa: ANN001
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        use_cache = getattr(model.config, "use_cache", None)
+        if use_cache is not None:
+            model.config.use_cache = True  # for generation by whoever loads it
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        save_hf_tokenizer(tokenizer, tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

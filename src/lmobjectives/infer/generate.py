@@ -1,0 +1,74 @@
+"""Decoding as a ladder of small functions: prefill, decode one token, decode n tokens.
+
+The KV cache is transformers' own ``DynamicCache``; ``sample`` turns one position's logits
+into a token (greedy at temperature 0, else temperature + nucleus sampling with an explicit
+``torch.Generator``). ``forward_passes`` counts model calls, the unit speculative decoding
+later saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens only
+    forward_passes: int
+    stopped_by: str  # "eos", "stop" or "length"
+    extras: dict = field(default_factory=dict)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """One token from (V,) logits."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set reaching top_p
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor):  # noqa: ANN001 -> (logits (V,), cache)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids[None], past_key_values=cache, use_cache=True)
+    return out.logits[0, -1], out.past_key_values
+
+
+@torch.no_grad()
+def decode_one(model, token: int, cache):  # noqa: ANN001
+    ids = torch.tensor([[token]], device=next(model.parameters()).device)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return out.logits[0, -1], out.past_key_values
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,  # noqa: ANN001
+             top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    try:
+        logits, cache = prefill(model, torch.tensor(prompt_ids, device=device))
+        passes, out = 1, []
+        while len(out) < max_new_tokens:
+            tok = sample(logits.cpu(), temperature, top_p, gen)
+            out.append(tok)
+            if tok in stop_ids:
+                return Generation(out, passes, "eos")
+            if len(out) == max_new_tokens:
+                break
+            logits, cache = decode_one(model, tok, cache)
+            passes += 1
+        return Generation(out, passes, "length")
+    finally:
+        model.train(was_training)

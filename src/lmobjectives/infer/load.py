@@ -1,0 +1,61 @@
+"""Load a finished run (its ``final/``) or any local HF model directory for inference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmobjectives.errors import UserError
+from lmobjectives.tokenizer import load_tokenizer
+from lmobjectives.tokenizer.special import SpecialIds
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any  # tokenizers.Tokenizer
+    specials: SpecialIds
+    architecture: str
+    path: Path
+    run_dir: Path | None
+
+
+def model_dir(path: str | Path) -> tuple[Path, Path | None]:
+    p = Path(path)
+    if (p / "final" / "config.json").is_file():
+        return p / "final", p
+    if (p / "config.json").is_file():
+        return p, None
+    if (p / "run.json").is_file():
+        raise UserError(f"run {p} has no final/ model yet; finish it (lmobj train --resume {p}) "
+                        "or export a checkpoint with `lmobj export`")
+    raise UserError(f"{p} is neither a run directory nor an HF model directory")
+
+
+def load_model(path: str | Path) -> Loaded:
+    import transformers as tf
+
+    mdir, run_dir = model_dir(path)
+    architecture = None
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        architecture = json.loads((run_dir / "run.json").read_text()).get("architecture")
+    cfg = tf.AutoConfig.from_pretrained(str(mdir), trust_remote_code=False)
+    if architecture is None:
+        if getattr(cfg, "is_encoder_decoder", False):
+            architecture = "encoder_decoder"
+        elif cfg.model_type in ("modernbert", "bert", "roberta"):
+            architecture = "encoder"
+        else:
+            architecture = "decoder"
+    auto = {"decoder": tf.AutoModelForCausalLM, "prefix_lm": tf.AutoModelForCausalLM,
+            "encoder": tf.AutoModelForMaskedLM, "encoder_decoder": tf.AutoModelForSeq2SeqLM}[architecture]
+    model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32)
+    model.eval()
+    tok = load_tokenizer(str(mdir))
+    specials = SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())
+    return Loaded(model=model, tokenizer=tok, specials=specials, architecture=architecture,
+                  path=mdir, run_dir=run_dir)

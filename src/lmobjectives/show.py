@@ -1,0 +1,52 @@
+"""``lmobj show``: what an objective makes of a text, as the model will see it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lmobjectives.data.converters import CONVERTERS, IGNORE
+from lmobjectives.objectives import build_objective, objective_class
+from lmobjectives.objectives.base import Rows
+from lmobjectives.tokenizer.special import SpecialIds
+
+
+def text_row(tokenizer, text: str, length: int, specials: SpecialIds) -> Rows:  # noqa: ANN001
+    """One packed row from ``text``: its tokens then EOS, repeated documents' worth cut or
+    padded to ``length`` (special-token strings in the text are honoured)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids + [specials.eos]
+    row = np.full(length, specials.pad, dtype=np.int32)
+    n = min(len(ids), length)
+    row[:n] = ids[:n]
+    return Rows.from_tokens(row[None], specials.eos)
+
+
+def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 128,  # noqa: ANN001
+         params: dict[str, Any] | None = None, architecture: str | None = None) -> dict[str, Any]:
+    specials = SpecialIds.from_vocab(tokenizer.get_vocab(with_added_tokens=True), tokenizer.get_vocab_size())
+    obj = build_objective(objective, params or {}, specials, tokenizer=tokenizer)
+    arch = architecture or objective_class(objective).architectures[0]
+    rows = text_row(tokenizer, text, obj.row_length(seq_len), specials)
+    features = obj(rows, np.random.default_rng(seed))
+    batch = CONVERTERS[arch](features, specials)
+    out: dict[str, Any] = {"objective": objective, "architecture": arch, "seed": seed}
+    for key, value in batch.items():
+        out[key] = np.asarray(value)[0].astype(int).tolist()
+    out["special_tokens"] = specials.as_dict()
+    return out
+
+
+def render(shown: dict[str, Any], tokenizer) -> str:  # noqa: ANN001
+    """Readable text of the ids (special tokens visible), one block per batch key."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=False)
+
+    lines = [f"objective {shown['objective']} ({shown['architecture']}), seed {shown['seed']}"]
+    for key in ("input_ids", "decoder_input_ids"):
+        if key in shown:
+            lines += [f"--- {key}", text(shown[key])]
+    labels = shown["labels"]
+    scored = [i for i in labels if i != IGNORE]
+    lines += [f"--- labels ({len(scored)} scored of {len(labels)})", text(scored)]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Library entry points behind ``lmobj train`` and ``lmobj export``."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lmobjectives.config import RunConfig, build_config
+from lmobjectives.errors import UserError
+from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
+                                           token_byte_lengths, val_batches)
+from lmobjectives.export import export_model
+from lmobjectives.report.plots import plot_loss
+from lmobjectives.train.loop import Stop, Trainer
+from lmobjectives.train.setup import Run, default_run_dir, open_run, seed_everything, write_run_files
+from lmobjectives.util import atomic_write_json
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    started: str  # "new", "resumed from step N" or "initialised from DIR"
+    final: dict[str, Any]  # last train record
+    eval: dict[str, Any]
+    stopped: bool = False
+
+
+def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
+    """Objective loss/accuracy and (left-to-right models) bits-per-byte on validation rows."""
+    src = run.val_source()
+    if src is None:
+        return {}
+    rows = val_batches(src, run.cfg.train.batch_size, n_batches or run.cfg.train.eval_batches)
+    out = objective_eval(run, rows)
+    if run.architecture in LEFT_TO_RIGHT:
+        out.update(bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
+                                 run.device, run.bf16))
+    return out
+
+
+def _prepare_out(run_dir: Path, overwrite: bool) -> None:
+    if (run_dir / "run.json").exists() or (run_dir / "config.yaml").exists():
+        if not overwrite:
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
+                            "--overwrite to replace it, or another --out")
+        shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"{run_dir} exists and is not empty; choose another --out or pass --overwrite")
+
+
+def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    f = Path(run_dir) / "config.yaml"
+    if not f.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
+    tree = yaml.safe_load(f.read_text())
+    for key, value in (overrides or {}).items():
+        node = tree
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return build_config(tree)
+
+
+def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          force: bool = False, progress: bool = True,
+          say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> TrainResult:
+    if resume is not None:
+        run_dir = Path(resume)
+    else:
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        _prepare_out(run_dir, overwrite)
+    if cfg.out is None or Path(cfg.out) != run_dir:
+        cfg = cfg.model_copy(update={"out": str(run_dir)})
+    seed_everything(cfg.train.seed)
+    run = open_run(cfg, run_dir, progress=progress)
+    trainer = Trainer(run, progress=progress)
+    if resume is not None:
+        ckpt = trainer.resume(force=force)
+        started = f"resumed from {ckpt.name}" if ckpt else "resumed (no checkpoint yet: from step 0)"
+    else:
+        write_run_files(run)
+        started = f"initialised from {cfg.model.init_from}" if cfg.model.init_from else "new"
+    say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
+        f"({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f} M parameters), "
+        f"{cfg.train.steps} steps")
+    stopped = False
+
+    def on_eval() -> None:
+        plot_loss(run_dir)
+
+    try:
+        last = trainer.fit(evaluate=lambda: evaluate_run(run), on_eval=on_eval)
+    except Stop:
+        stopped, last = True, {}
+        say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
+            f"Continue with: lmobj train --resume {run_dir}")
+    ev: dict[str, Any] = {}
+    if not stopped:
+        ev = evaluate_run(run)
+        if ev:
+            trainer.log({"step": trainer.step, "tokens": trainer.tokens, "eval": True, **ev})
+        atomic_write_json(run_dir / "eval.json", {"step": trainer.step, **ev})
+        export_model(run.model, run.tokenizer, run_dir / "final")
+    plot_loss(run_dir)
+    return TrainResult(run_dir=run_dir, started=started, final=last, eval=ev, stopped=stopped)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Export any checkpoint of a run as an HF directory."""
+    from lmobjectives.checkpoint import load_checkpoint
+
+    ckpt = Path(checkpoint)
+    run_dir = ckpt.parent.parent
+    cfg = load_run_config(run_dir)
+    run = open_run(cfg, run_dir, progress=False)
+    load_checkpoint(ckpt, run.model, None)
+    return export_model(run.model, run.tokenizer, out)

@@ -1,0 +1,303 @@
+"""The training loop. The trainer owns cadence (log, eval, checkpoint, guards); the step owns
+data -> batches -> ``module.forward_backward`` -> optimizer. Neither knows which objective
+runs: the objective is a function from rows to features, the converter a function from
+features to batches.
+
+One optimizer step: fetch all ``grad_accum`` micro-batches, count their scored tokens (and
+all-reduce the count over ranks), then run forward/backward on each with the loss divided by
+that global count — so accumulation and data parallelism give the update of one big batch.
+Each micro-batch's objective randomness comes from ``(seed, global micro-batch index)``,
+which is also what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmobjectives.checkpoint import clean_leftovers, list_checkpoints, load_checkpoint, save_checkpoint
+from lmobjectives.errors import UserError
+from lmobjectives.train.module import to_torch
+from lmobjectives.train.schedule import lr_at
+from lmobjectives.train.setup import Run, config_hash
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms and biases (1-D parameters) do not."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def batch_rng(seed: int, global_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, global_index])
+
+
+def make_batch(run: Run, rows, global_index: int) -> dict[str, np.ndarray]:
+    features = run.objective(rows, batch_rng(run.cfg.train.seed, global_index))
+    return run.converter(features, run.specials)
+
+
+@dataclass
+class GuardState:
+    bad_in_row: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=50))
+
+    def spike(self, loss: float, zscore: float) -> float | None:
+        """z-score of ``loss`` against the recent window, when the window is full enough."""
+        if len(self.recent) < min(10, self.recent.maxlen):
+            return None
+        arr = np.asarray(self.recent)
+        std = float(arr.std())
+        z = (loss - float(arr.mean())) / max(std, 1e-6)
+        return z if z > zscore else None
+
+
+class Stop(Exception):
+    """Raised inside the loop to end the run early, cleanly (a signal)."""
+
+
+class Trainer:
+    def __init__(self, run: Run, *, progress: bool = True, ddp_model: torch.nn.Module | None = None) -> None:
+        self.run = run
+        self.cfg = run.cfg
+        self.optimizer = build_optimizer(run.model, self.cfg)
+        self.loader = run.train_loader()
+        self.step = 0
+        self.tokens = 0
+        self.tokens_by_source = {s.name: 0 for s in run.sources}
+        self.guard = GuardState(recent=deque(maxlen=self.cfg.train.spike_window))
+        self.progress = progress and run.rank == 0
+        self.metrics_path = run.dir / "metrics.jsonl"
+        self.stop_requested = False
+        self.warmup = round(self.cfg.train.warmup_fraction * self.cfg.train.steps)
+
+    # ---------------------------------------------------------------- state
+    def lr(self, step: int) -> float:
+        t = self.cfg.train
+        return lr_at(step, total=t.steps, peak=t.lr, warmup=self.warmup, schedule=t.schedule,
+                     min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
+                "tokens_by_source": self.tokens_by_source, "config_hash": config_hash(self.cfg),
+                "store_fingerprints": {s.name: s.store.fingerprint for s in self.run.sources},
+                "guard": {"bad_in_row": self.guard.bad_in_row, "recent": list(self.guard.recent)},
+                "world_size": self.run.world_size}
+
+    def save(self) -> Path | None:
+        if self.run.rank != 0:
+            return None
+        rng = {"torch": torch.get_rng_state()}
+        path = save_checkpoint(self.run.dir, self.step, self.run.model, self.optimizer,
+                               {"step": self.step, "schedule": self.cfg.train.schedule,
+                                "peak_lr": self.cfg.train.lr, "warmup": self.warmup},
+                               self.state(), rng, keep=self.cfg.train.keep_checkpoints)
+        return path
+
+    def resume(self, force: bool = False) -> Path | None:
+        """Restore the newest complete checkpoint; returns its path (None: nothing to resume)."""
+        clean_leftovers(self.run.dir)
+        ckpts = list_checkpoints(self.run.dir)
+        if not ckpts:
+            return None
+        path = ckpts[-1]
+        state, _sched, rng = load_checkpoint(path, self.run.model, self.optimizer)
+        if not force:
+            if state["config_hash"] != config_hash(self.cfg):
+                raise UserError(f"the config of {self.run.dir} changed since {path.name} was written; "
+                                "resume with the same config, or pass --force")
+            if state["store_fingerprints"] != {s.name: s.store.fingerprint for s in self.run.sources}:
+                raise UserError(f"the data of {self.run.dir} changed since {path.name} was written "
+                                "(store fingerprint differs); pass --force to continue anyway")
+        if state.get("world_size", 1) != self.run.world_size:
+            raise UserError(f"{path.name} was written by {state.get('world_size', 1)} process(es), "
+                            f"this run has {self.run.world_size}; resume with the same world size")
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.tokens_by_source = dict(state["tokens_by_source"])
+        self.loader.load_state_dict(state["loader"])
+        self.guard.bad_in_row = state["guard"]["bad_in_row"]
+        self.guard.recent.extend(state["guard"]["recent"])
+        torch.set_rng_state(rng["torch"])
+        self._truncate_metrics()
+        return path
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("step", 0) <= self.step:
+                keep.append(line)
+        from lmobjectives.util import atomic_write_bytes
+
+        atomic_write_bytes(self.metrics_path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    # ---------------------------------------------------------------- logging
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run.rank != 0:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- the step
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.run.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return t
+
+    def train_step(self) -> dict[str, Any]:
+        run, t = self.run, self.cfg.train
+        micro = []
+        for _ in range(t.grad_accum):
+            g = self.loader.counter * self.loader.world_size + self.loader.rank
+            rows, src = next(self.loader)
+            micro.append((make_batch(run, rows, g), rows, src))
+        counts = sum(run.module.counts(b) for b, _, _ in micro)
+        totals = self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=run.device))
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        nll = torch.zeros(len(run.module.terms), dtype=torch.float64, device=run.device)
+        correct = torch.zeros_like(nll)
+        for i, (batch, _, _) in enumerate(micro):
+            tensors = to_torch(batch, run.device)
+            sync = getattr(run.module, "no_sync", None)
+            if sync is not None and i < len(micro) - 1:
+                with sync():
+                    out = run.module.forward_backward(tensors, totals.float())
+            else:
+                out = run.module.forward_backward(tensors, totals.float())
+            nll += out["nll"].double()
+            correct += out["correct"].double()
+        stats = self._all_reduce(torch.cat([nll, correct]))
+        nll, correct = stats[: len(nll)], stats[len(nll):]
+        per_term = (nll / totals.clamp(min=1)).tolist()
+        loss = per_term[0]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            run.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+        record: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if len(per_term) > 1:
+            record.update({f"{name}": v for name, v in zip(run.module.terms, per_term)})
+            record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
+                           zip(run.module.terms, correct.tolist(), totals.tolist())})
+        record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
+        skip = None
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            skip = "non-finite"
+            self.guard.bad_in_row += 1
+        else:
+            self.guard.bad_in_row = 0
+            z = self.guard.spike(loss, t.spike_zscore)
+            if z is not None:
+                record["spike"] = round(z, 2)
+                if t.spike_action == "skip":
+                    skip = "spike"
+            if skip is None:
+                self.guard.recent.append(loss)
+        if skip is None:
+            self.optimizer.step()
+        else:
+            record["skipped"] = skip
+        self.optimizer.zero_grad(set_to_none=True)
+        step_tokens = 0
+        for _, rows, src in micro:
+            real = (rows.tokens != run.specials.pad).sum(axis=1)
+            for b, s in enumerate(src):
+                self.tokens_by_source[run.sources[int(s)].name] += int(real[b])
+            step_tokens += rows.tokens.size
+        step_tokens *= run.world_size
+        self.tokens += step_tokens
+        self.step += 1
+        record.update({"tokens": self.tokens, "targets": int(totals[0])})
+        if len(run.sources) > 1:
+            record["tokens_by_source"] = dict(self.tokens_by_source)
+        if self.guard.bad_in_row >= t.max_bad_steps:
+            self.log(record)
+            raise UserError(f"stopped: non-finite loss or gradient {self.guard.bad_in_row} steps in a "
+                            f"row (last at step {self.step}); lower --lr or check the data")
+        return record
+
+    # ---------------------------------------------------------------- the loop
+    def _handle_signal(self, signum, frame) -> None:  # noqa: ANN001
+        self.stop_requested = True
+
+    def fit(self, evaluate=None, on_eval=None) -> dict[str, Any]:  # noqa: ANN001
+        """Train to ``cfg.train.steps``. ``evaluate()`` -> dict of eval metrics."""
+        t = self.cfg.train
+        old = signal.signal(signal.SIGTERM, self._handle_signal) if self._main_thread() else None
+        bar = self._bar()
+        last: dict[str, Any] = {}
+        try:
+            while self.step < t.steps:
+                start, tokens_before = time.perf_counter(), self.tokens
+                record = self.train_step()
+                dt = time.perf_counter() - start
+                record["tokens_per_second"] = (self.tokens - tokens_before) / max(dt, 1e-9)
+                record["step_seconds"] = dt
+                if self.step % t.log_every == 0 or self.step == t.steps or "skipped" in record:
+                    self.log(record)
+                last = record
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                    tok_s=f"{record['tokens_per_second']:.0f}")
+                if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
+                        and self.step < t.steps:
+                    ev = evaluate()
+                    self.log({"step": self.step, "tokens": self.tokens, "eval": True, **ev})
+                    if on_eval:
+                        on_eval()
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.steps:
+                    self.save()
+                if self.stop_requested:
+                    if t.checkpoint_every == 0 or self.step % t.checkpoint_every:
+                        self.save()
+                    raise Stop()
+        finally:
+            if bar is not None:
+                bar.close()
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        return last
+
+    @staticmethod
+    def _main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()
+
+    def _bar(self):  # noqa: ANN202
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)

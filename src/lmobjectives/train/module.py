@@ -1,0 +1,71 @@
+"""The step's model side: how a batch becomes a loss and gradients.
+
+The loop hands every micro-batch to ``forward_backward`` with the step's global number of
+scored tokens per loss term; the module returns sums for logging. A module may have several
+loss terms (multi-token prediction has one per depth); the standard module has one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lmobjectives.data.converters import CAUSAL_SHIFT, IGNORE
+from lmobjectives.loss import token_nll_sum
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids",
+              "decoder_attention_mask")
+
+
+class TrainModule(Protocol):
+    model: torch.nn.Module
+    terms: tuple[str, ...]  # names of loss terms; the first is the headline "loss"
+
+    def counts(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Scored tokens per loss term in a micro-batch, (n_terms,) int64."""
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
+                         backward: bool = True) -> dict[str, torch.Tensor]:
+        """Add this micro-batch's gradient of sum(loss_term / totals[term]); return
+        per-term ``nll`` and ``correct`` sums (detached)."""
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class StandardModule:
+    """One loss term: cross-entropy of the model's logits against ``labels``."""
+
+    terms = ("loss",)
+
+    def __init__(self, model: torch.nn.Module, architecture: str, bf16: bool = False) -> None:
+        self.model = model
+        self.shift = CAUSAL_SHIFT[architecture]
+        self.bf16 = bf16
+
+    def counts(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        labels = batch["labels"][:, 1:] if self.shift else batch["labels"]
+        return np.array([(labels != IGNORE).sum()], dtype=np.int64)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+        device = next(self.model.parameters()).device
+        with autocast(device, self.bf16):
+            return self.model(**inputs).logits  # (B, T, V)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
+                         backward: bool = True) -> dict[str, torch.Tensor]:
+        nll, correct = token_nll_sum(self.logits(batch), batch["labels"], self.shift)
+        if backward:
+            (nll / totals[0].clamp(min=1)).backward()
+        return {"nll": nll.detach()[None], "correct": correct.detach()[None]}

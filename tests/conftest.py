@@ -14,3 +14,39 @@ from lmobjectives.tokenizer.special import SpecialIds  # noqa: E402
 @pytest.fixture
 def specials() -> SpecialIds:
     return SpecialIds.default(vocab_size=512)
+
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models gain nothing from more; CI shares two cores
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> str:
+    """A few hundred KB of real text and code from the default corpus, as files."""
+    from lmobjectives.corpus import iter_documents
+
+    root = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(iter_documents(["default"])):
+        if i % 12 == 0:
+            (root / f"doc{i:04d}.txt").write_text(doc.text[:6000])
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, small_corpus) -> str:
+    from lmobjectives.store.prepare import prepare_store
+    from lmobjectives.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("store") / "s"
+    prepare_store([small_corpus], load_tokenizer(None), out, val_fraction=0.1, progress=False)
+    return str(out)
+
+
+def tiny_tree(store: str, out: str, **train) -> dict:
+    """A config tree for a tiny, fast run on ``store``."""
+    t = {"steps": 6, "batch_size": 2, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 3,
+         "eval_batches": 2, "warmup_fraction": 0.2}
+    t.update(train)
+    return {"model": {"preset": "tiny"}, "data": {"store": store, "seq_len": 32},
+            "train": t, "out": out}

@@ -39,15 +39,15 @@ def prefill(model, input_ids: torch.Tensor):  # noqa: ANN001 -> (logits (V,), ca
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids[None], past_key_values=cache, use_cache=True)
-    return out.logits[0, -1], out.past_key_values
+    model(input_ids=input_ids[None], cache=cache, use_cache=True)
+    return out.logits[0, -1], cache
 
 
 @torch.no_grad()
 def decode_one(model, token: int, cache):  # noqa: ANN001
     ids = torch.tensor([[token]], device=next(model.parameters()).device)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    return out.logits[0, -1], out.past_key_values
+    out = model(input_ids=ids, cache=cache, use_cache=True)  # the cache grows in place
+    return out.logits[0, -1], cache
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def prefill(model, input_ids: torch.Tensor):  # noqa: ANN001 -> (logits (V,), ca
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids[None], cache=cache, use_cache=True)
+    out = model(input_ids=input_ids[None], cache=cache, use_cache=True)
     return out.logits[0, -1], cache
 
 

@@ -1,0 +1,76 @@
+"""The command line: help, JSON output, one clear message per user error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmobjectives.config import build_config, load_config_file
+
+LMOBJ = [sys.executable, "-m", "lmobjectives.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMOBJ, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_user_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    err = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1, p.stderr
+    for w in words:
+        assert w in err[0], err[0]
+
+
+def test_help_lists_commands():
+    p = run("--help")
+    assert p.returncode == 0
+    for cmd in ("train", "prepare", "tokenizer", "corpus", "eval", "generate", "export", "show"):
+        assert cmd in p.stdout
+    p = run("train", "--help")
+    assert p.returncode == 0 and "--objective" in p.stdout and "--resume" in p.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(recipe):
+    cfg = build_config(load_config_file(recipe))
+    assert cfg.resolved_architecture
+
+
+def test_show_json_has_batch_keys_and_specials():
+    p = run("show", "clm", "--text", "def add(a, b):\n    return a + b\n", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert {"input_ids", "labels", "position_ids", "special_tokens"} <= set(out)
+    assert out["special_tokens"]["eos"] == 0 and out["special_tokens"]["extra_id_99"] > 0
+    assert out["input_ids"][: 3] != [out["special_tokens"]["pad"]] * 3
+    p = run("show", "clm", "--text", "hello world")
+    assert p.returncode == 0 and "hello world" in p.stdout
+
+
+def test_corpus_default_shows_fingerprint():
+    p = run("corpus", "default", "--json")
+    assert p.returncode == 0
+    assert "fingerprint" in json.loads(p.stdout)
+
+
+@pytest.mark.parametrize("args,words", [
+    (("train", "--objective", "clmm"), ("unknown objective", "clm")),
+    (("train", "--set", "train.stpes=3"), ("train.steps",)),
+    (("train", "--set", "train.lr=abc"), ("train.lr",)),
+    (("train", "--corpus", "/nonexistent/path"), ("/nonexistent/path",)),
+    (("train", "--resume", "/tmp"), ("not a run directory",)),
+    (("train", "--preset", "huge"), ("huge",)),
+    (("show", "nope", "--text", "x"), ("unknown objective",)),
+    (("prepare", "--corpus", "/nonexistent", "--out", "/tmp/x-store"), ("/nonexistent",)),
+    (("generate", "/nonexistent-run"), ("/nonexistent-run",)),
+    (("eval", "/tmp"), ("/tmp",)),
+])
+def test_user_errors_are_one_line(args, words, tmp_path):
+    assert_user_error(run(*args, cwd=tmp_path), *words)

@@ -68,35 +68,44 @@ class PackedSource:
         self._cum = np.concatenate([[0], np.cumsum(self.table.lengths[self._order])])
         self._epoch = epoch
 
-    def row(self, k: int, tokens: np.ndarray, positions: np.ndarray) -> None:
-        """Fill one row (``tokens``/``positions`` views of length R) with global row ``k``."""
-        epoch, i = divmod(k, self.rows_per_epoch)
-        self._use_epoch(epoch)
-        R = self.row_len
-        start, end = i * R, min((i + 1) * R, self.total)
-        d = int(np.searchsorted(self._cum, start, side="right")) - 1
-        at = 0
-        docs, shards = self.table.docs, self.table.shards
-        while start + at < end:
-            doc = self._order[d]
-            shard, doc_start, doc_len = docs[doc]
-            off = start + at - int(self._cum[d])
-            n = min(int(doc_len) - off, end - start - at)
-            tokens[at:at + n] = shards[shard][doc_start + off:doc_start + off + n]
-            positions[at:at + n] = np.arange(n)
-            at += n
-            d += 1
-        if at < R:
-            tokens[at:] = self.pad
-            positions[at:] = 0
-
     def rows(self, ks: np.ndarray) -> Rows:
-        B = len(ks)
-        tokens = np.empty((B, self.row_len), dtype=np.int32)
-        positions = np.empty((B, self.row_len), dtype=np.int32)
-        for b, k in enumerate(ks):
-            self.row(int(k), tokens[b], positions[b])
+        """Rows ``ks``. Consecutive rows of one epoch are one contiguous stretch of the
+        epoch's stream: it is built from one slice per document it overlaps and cut into
+        rows, so the cost is a few vector passes plus one slice per document."""
+        ks = np.asarray(ks, dtype=np.int64)
+        B, R = len(ks), self.row_len
+        tokens = np.empty((B, R), dtype=np.int32)
+        positions = np.empty((B, R), dtype=np.int32)
+        epochs, within = np.divmod(ks, self.rows_per_epoch)
+        breaks = np.flatnonzero((np.diff(within) != 1) | (np.diff(epochs) != 0)) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, B]):
+            self._use_epoch(int(epochs[lo]))
+            self._stretch(int(within[lo]), int(hi - lo), tokens[lo:hi], positions[lo:hi])
         return Rows(tokens=tokens, positions=positions)
+
+    def _stretch(self, first_row: int, n_rows: int, tokens: np.ndarray, positions: np.ndarray) -> None:
+        """Fill ``n_rows`` consecutive rows starting at ``first_row`` of the current epoch."""
+        R, cum = self.row_len, self._cum
+        lo = first_row * R
+        hi = min(lo + n_rows * R, self.total)
+        d0 = int(np.searchsorted(cum, lo, side="right")) - 1
+        d1 = int(np.searchsorted(cum, hi - 1, side="right")) - 1
+        pieces = []
+        for d in range(d0, d1 + 1):
+            shard, start, _ = self.table.docs[self._order[d]]
+            a, b = max(int(cum[d]), lo) - int(cum[d]), min(int(cum[d + 1]), hi) - int(cum[d])
+            pieces.append(self.table.shards[shard][start + a:start + b])
+        n = hi - lo
+        flat_tok, flat_pos = tokens.reshape(-1), positions.reshape(-1)
+        flat_tok[:n] = np.concatenate(pieces)
+        flat_tok[n:] = self.pad  # the epoch's last row is padded
+        # Positions restart at each document start and each row start.
+        starts = np.zeros(n, dtype=bool)
+        starts[::R] = True
+        starts[cum[d0 + 1:d1 + 1] - lo] = True
+        idx = np.arange(n, dtype=np.int32)
+        flat_pos[:n] = idx - np.maximum.accumulate(np.where(starts, idx, 0))
+        flat_pos[n:] = 0
 
 
 def period_counts(weights: list[float], period: int = MIX_PERIOD) -> np.ndarray:
@@ -157,8 +166,10 @@ class Loader:
         R = self.sources[0].row_len
         tokens = np.empty((len(ks), R), dtype=np.int32)
         positions = np.empty((len(ks), R), dtype=np.int32)
-        for b in range(len(ks)):
-            self.sources[src[b]].row(int(local[b]), tokens[b], positions[b])
+        for i in np.unique(src):
+            sel = src == i
+            part = self.sources[i].rows(local[sel])
+            tokens[sel], positions[sel] = part.tokens, part.positions
         return Rows(tokens=tokens, positions=positions), src
 
     def __iter__(self) -> "Loader":

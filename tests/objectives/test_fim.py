@@ -16,7 +16,8 @@ from lmobjectives.objectives.fim import FIM, _tables_from_bytes, byte_level_alph
 from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
 
 TRAINING_TEXT = [
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+    "        a, b = b, a + b\n    return a\n",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n"
     "        self.items.append(x)\n",
     "The quick brown fox jumps over the lazy dog. Le cœur a ses raisons que la raison ignore.",
@@ -139,7 +140,8 @@ texts = st.lists(st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
                  min_size=1, max_size=6)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=texts, R=st.integers(6, 48), rate=st.sampled_from([1.0, 0.5]),
        spm=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**32 - 1))
 def test_parts_reorder_to_the_original_text(fim: FIM, token_bytes: dict[int, bytes],
@@ -234,6 +236,22 @@ def test_fim_rate_zero_is_clm_byte_for_byte(fim: FIM, tokenizer: Tokenizer) -> N
     assert got.inputs is None and got.extras == want.extras
 
 
+def test_positions_keep_the_input_convention_outside_fim_documents(
+        fim: FIM, tokenizer: Tokenizer) -> None:
+    """A loader may give PAD its own positions (here all 0): they pass through, while the EOS
+    after a FIM document counts on from the document's last position."""
+    sp = fim.specials
+    rows, _ = pack(tokenizer, corpus(40, np.random.default_rng(8)), 37, sp)
+    positions = np.where(rows.tokens == sp.pad, 0, rows.positions).astype(np.int32)
+    assert (rows.tokens == sp.pad).any()
+    f = FIM(specials=sp, tables=fim.tables, fim_rate=1.0)(Rows(rows.tokens, positions),
+                                                          np.random.default_rng(0))
+    pad = f.targets == sp.pad
+    assert f.positions is not None and (f.positions[pad] == 0).all()
+    assert np.array_equal(f.positions[~pad], positions_from_eos(f.targets, sp.eos)[~pad])
+    assert not f.target_mask[pad].any()
+
+
 def test_deterministic_per_seed(fim: FIM, tokenizer: Tokenizer) -> None:
     rows, _ = pack(tokenizer, corpus(200, np.random.default_rng(4)), 40, fim.specials)
     a, b = fim(rows, np.random.default_rng(5)), fim(rows, np.random.default_rng(5))
@@ -286,8 +304,8 @@ def test_byte_level_alphabet_matches_the_tokenizer() -> None:
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     alphabet = byte_level_alphabet()
     assert sorted(alphabet.values()) == list(range(256))
-    for ch in ["\x00", "a", " ", "\x7f", "é", "\u07ff", "\u0800", "€", "\uffff", "😀", "\U0010ffff",
-               *map(chr, range(0x80, 0x800, 7))]:
+    for ch in ["\x00", "a", " ", "\x7f", "é", "\u07ff", "\u0800", "€", "\uffff", "😀",
+               "\U0010ffff", *map(chr, range(0x80, 0x800, 7))]:
         mapped = pre.pre_tokenize_str(ch)[0][0]
         assert bytes(alphabet[c] for c in mapped) == ch.encode("utf-8")
 
@@ -300,6 +318,8 @@ def test_parameters_and_errors(fim: FIM) -> None:
             FIM(specials=sp, **bad)  # type: ignore[arg-type]
         with pytest.raises(UserError):
             build_objective("fim", bad, sp)
+    with pytest.raises(UserError, match="tables"):
+        build_objective("fim", {"tables": "mine"}, sp)
     bare = build_objective("fim", {"fim_rate": 0.9}, sp)
     assert isinstance(bare, FIM) and bare.params() == {"fim_rate": 0.9, "spm_rate": 0.5}
     rows = Rows.from_tokens(np.array([[200, 201, sp.eos]]), sp.eos)
@@ -307,6 +327,8 @@ def test_parameters_and_errors(fim: FIM) -> None:
         bare(rows, np.random.default_rng(0))
     wired = bare.with_tables(fim.tables)
     assert wired(rows, np.random.default_rng(0)).targets.shape == (1, 3)
+    empty = Rows.from_tokens(np.zeros((0, 8), dtype=np.int32), sp.eos)
+    assert wired(empty, np.random.default_rng(0)).targets.shape == (0, 8)
     with pytest.raises(ValueError, match="outside"):
         wired(Rows.from_tokens(np.array([[10**6, sp.eos]]), sp.eos), np.random.default_rng(0))
 

@@ -10,11 +10,11 @@ names and the SPM variant as in StarCoder)::
 SPM is the paper's "variant 2": prefix and middle stay one contiguous text, so the target
 continues the prefix exactly as the prompt will at inference.
 
-The transform is context-level (the FIM paper finds it better than document-level): it runs on packed
-rows, on every run of tokens between EOS separators (a whole document, or the fragment of
-one that packing put in this row), each with its own coins. The EOS that ended a document
-stays after its rearranged parts, so the model learns to close a middle with EOS. The three
-sentinels and any split tokens make a FIM document longer, so the row is truncated back to
+The transform is context-level (the FIM paper finds it better than document-level): it runs
+on packed rows, on every run of tokens between EOS separators (a whole document, or the
+fragment of one that packing put in this row), each with its own coins. The EOS that ended a
+document stays after its rearranged parts, so the model learns to close a middle with EOS.
+The three sentinels and any split tokens make a FIM document longer, so the row is cut back to
 ``R``; a FIM document cut by the row end before its ``<fim_middle>`` (a prompt with no middle
 to predict) is replaced by ``<fim_pad>``, which is never scored. A cut inside the middle is
 kept and trained, as in the reference.
@@ -35,7 +35,8 @@ tokenizer would produce for the cut text on its own (a fresh encode of ``"...re"
 differently from ``"...ret"`` split at ``"re|t"``). The paper's point of character-level cuts
 (the model sees and completes partial tokens) holds either way. The table grows with the
 total byte length of the vocabulary, not quadratically: only splits at UTF-8 character starts
-are stored (a few per token; ~30 k splits for a 8192-token code vocabulary).
+are stored (an 8192-token vocabulary trained on Python code: 35 k splits, 104 k piece ids,
+built in about a second).
 
 Cut points are uniform over the ``N + 1`` character positions of a document of ``N``
 characters (EOS excluded): two independent draws, sorted, empty parts allowed, as the
@@ -59,6 +60,7 @@ Worked example (EOS = 0, PRE = 2, SUF = 3, MID = 4; vocabulary bytes 6 = "def", 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -78,11 +80,13 @@ DEFAULT_SPM_RATE = 0.5
 
 # The run plan of one FIM document: 11 runs in a canonical order (each may be empty).
 PRE, P1, P2, SUF, S1, S2, S3, MID, M1, M2, M3 = range(11)
-N_SLOTS = 11
-# Column order of the runs as emitted: PSM keeps the canonical order, SPM moves the prefix
-# runs (P1 = whole prefix tokens, P2 = left piece of a split token) between MID and the middle.
+N_RUNS = 11
+# Emitted order of the runs: PSM keeps the canonical order, SPM moves the prefix runs
+# (P1 = whole prefix tokens, P2 = left piece of a split token) between MID and the middle.
 PSM_ORDER = np.array([PRE, P1, P2, SUF, S1, S2, S3, MID, M1, M2, M3])
 SPM_ORDER = np.array([PRE, SUF, S1, S2, S3, MID, P1, P2, M1, M2, M3])
+PSM_MID = int(np.flatnonzero(PSM_ORDER == MID)[0])  # column of <fim_middle> in each order
+SPM_MID = int(np.flatnonzero(SPM_ORDER == MID)[0])
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -216,18 +220,34 @@ class FIM(Objective):
     def __post_init__(self) -> None:
         for key in ("fim_rate", "spm_rate"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
         if self.tables is not None:
+            if not isinstance(self.tables, FIMTables):
+                raise ValueError("tables are built from the tokenizer with "
+                                 "FIM.tables_from_tokenizer, not set as a parameter")
             ids = (self.specials.fim_prefix, self.specials.fim_suffix, self.specials.fim_middle,
                    self.specials.fim_pad, self.specials.eos, self.specials.pad)
             if max(ids) >= self.tables.vocab_size:
                 raise ValueError(f"FIM tables cover {self.tables.vocab_size} ids but the special "
                                  f"tokens reach id {max(ids)}: tables and tokenizer differ")
-            # The pieces followed by the three sentinels: every non-input token comes from here.
-            sentinels = np.array([self.specials.fim_prefix, self.specials.fim_suffix,
-                                  self.specials.fim_middle], dtype=np.int32)
-            object.__setattr__(self, "_source", np.concatenate([self.tables.pieces, sentinels]))
+
+    @functools.cached_property
+    def _source(self) -> np.ndarray:
+        """The split pieces followed by PRE, SUF, MID: every token a FIM document gains."""
+        assert self.tables is not None
+        sp = self.specials
+        sentinels = np.array([sp.fim_prefix, sp.fim_suffix, sp.fim_middle], dtype=np.int32)
+        return np.concatenate([self.tables.pieces, sentinels])
+
+    @functools.cached_property
+    def _slots(self) -> np.ndarray:
+        """Cut positions each token holds: its character starts; EOS and PAD are not text."""
+        assert self.tables is not None
+        slots = self.tables.char_starts.astype(np.int64)  # (V,)
+        slots[[self.specials.eos, self.specials.pad]] = 0
+        return slots
 
     def params(self) -> dict[str, object]:
         return {"fim_rate": self.fim_rate, "spm_rate": self.spm_rate}
@@ -252,135 +272,114 @@ class FIM(Objective):
             raise ValueError("FIM needs its tokenizer tables: "
                              "fim.with_tables(FIM.tables_from_tokenizer(tokenizer))")
         tokens = rows.tokens
-        if tokens.size and int(tokens.max()) >= self.tables.vocab_size:
+        if tokens.ndim != 2:
+            raise ValueError(f"rows must be (B, R), got shape {tokens.shape}")
+        if tokens.size == 0:
+            return Features(targets=tokens, target_mask=np.zeros(tokens.shape, dtype=bool),
+                            positions=rows.positions)
+        if int(tokens.max()) >= self.tables.vocab_size:
             raise ValueError(f"token id {int(tokens.max())} is outside the FIM tables "
                              f"({self.tables.vocab_size} ids): tables and tokenizer differ")
-        plan = _plan(rows, rng, self)
-        if plan is None:  # no document drew FIM: plain CLM, the same arrays CLM returns
+        units = _units(tokens, self.specials)
+        coins = rng.random((len(units.start), 2))  # (U, 2) a FIM coin and an SPM coin per unit
+        fim = units.is_doc & (coins[:, 0] < self.fim_rate)  # (U,)
+        if not fim.any():  # plain CLM: the very arrays CLM returns
             return Features(targets=tokens, target_mask=single_stream_mask(rows, self.specials),
                             positions=rows.positions)
-        return _emit(rows, plan, self)
+        spm = coins[fim, 1] < self.spm_rate  # (F,)
+        runs = _fim_runs(tokens.reshape(-1), units, fim, rng, self)  # (F, N_RUNS) x2
+        return _emit(rows, units, fim, spm, runs, self)
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Runs to copy, ``N_SLOTS`` per unit (a document or a gap of EOS/PAD), in row order."""
+class _Units:
+    """A batch as units in row order: maximal runs of document tokens, and the gaps of
+    EOS/PAD between them; a row start always starts a unit."""
 
-    start: np.ndarray  # (U, N_SLOTS) int64 index into the rows (flat) or FIM._source
-    length: np.ndarray  # (U, N_SLOTS) int64
-    from_source: np.ndarray  # (U, N_SLOTS) bool: copy from FIM._source, else from the rows
-    canonical: np.ndarray  # (U, N_SLOTS) int64 canonical run id of each column
-    unit_row: np.ndarray  # (U,) int64
-    unit_fim: np.ndarray  # (U,) bool
-    unit_pos0: np.ndarray  # (U,) int32 input position of the unit's first token
+    start: np.ndarray  # (U,) int64 flat index of the first token
+    end: np.ndarray  # (U,) int64 flat index past the last token
+    is_doc: np.ndarray  # (U,) bool
 
 
-def _units(tokens: np.ndarray, specials: SpecialIds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split flat rows into units: maximal runs of document tokens, and gaps of EOS/PAD between
-    them; a row start always starts a unit. Returns (starts, ends, is_document)."""
+def _units(tokens: np.ndarray, specials: SpecialIds) -> _Units:
     B, R = tokens.shape
     flat = tokens.reshape(-1)  # (N,)
     content = (flat != specials.eos) & (flat != specials.pad)  # (N,)
-    boundary = np.ones(flat.size, dtype=bool)
-    boundary[1:] = content[1:] != content[:-1]
+    boundary = np.empty(flat.size, dtype=bool)
+    boundary[0] = True
+    np.not_equal(content[1:], content[:-1], out=boundary[1:])
     boundary[::R] = True
-    starts = np.flatnonzero(boundary)
-    ends = np.append(starts[1:], flat.size)
-    return starts, ends, content[starts]
+    start = np.flatnonzero(boundary)
+    return _Units(start=start, end=np.append(start[1:], flat.size), is_doc=content[start])
 
 
-def _locate(cuts: np.ndarray, seg_start: np.ndarray, seg_end: np.ndarray, n_slots: np.ndarray,
-            cum: np.ndarray, slots: np.ndarray, has0: np.ndarray, flat: np.ndarray,
-            tables: FIMTables) -> tuple[np.ndarray, np.ndarray]:
-    """Cut indices (per document, in [0, n_slots]) -> (token index, split entry or -1).
+def _fim_runs(flat: np.ndarray, units: _Units, fim: np.ndarray, rng: np.random.Generator,
+              obj: FIM) -> tuple[np.ndarray, np.ndarray]:
+    """Draw two cuts per FIM document and return its 11 canonical runs as (start, length),
+    starts indexing ``concat(flat rows, FIM._source)``.
 
-    Cut c < n_slots is the c-th character start of the document; it lies in token i, and
-    either at i's first byte (a cut before token i) or at one of i's interior splits."""
-    end = cuts == n_slots
-    g = (cum[seg_start] - slots[seg_start]) + np.minimum(cuts, n_slots - 1)  # global slot
-    i = np.searchsorted(cum, g, side="right")  # first token whose slots pass g
-    i = np.minimum(i, flat.size - 1)
-    r = g - (cum[i] - slots[i])  # slot within token i
-    before = has0[i] & (r == 0)
-    entry = tables.split_base[flat[i]] + r - has0[i]
-    entry = np.where(before | end, -1, entry)
-    return np.where(end, seg_end, i), entry
+    With cuts at (token i1, split e1) <= (i2, e2), e = -1 for a cut between tokens::
 
-
-def _plan(rows: Rows, rng: np.random.Generator, fim: FIM) -> _Plan | None:
-    tables, sp = fim.tables, fim.specials
-    assert tables is not None
-    B, R = rows.tokens.shape
-    flat = rows.tokens.reshape(-1)  # (N,)
-    starts, ends, is_doc = _units(rows.tokens, sp)
-    U = len(starts)
-    coins = rng.random((U, 2))  # (U, 2) one FIM coin and one SPM coin per unit
-    unit_fim = is_doc & (coins[:, 0] < fim.fim_rate)
-    if not unit_fim.any():
-        return None
-
-    # Slots: one per character start; a document's first byte is always a cut position
-    # (even when packing began it mid-character).
-    content = np.repeat(is_doc, ends - starts)  # (N,)
-    doc_first = np.zeros(flat.size, dtype=bool)
-    doc_first[starts[is_doc]] = True
-    has0 = tables.lead[flat] | doc_first  # (N,)
-    slots = np.where(content, tables.char_starts[flat] + (doc_first & ~tables.lead[flat]), 0)
+        prefix = x[a:i1] + left(e1)    middle = right(e1) + x[i1':i2] + left(e2)
+        suffix = right(e2) + x[i2':z]  where i' = i + 1 skips a split token
+    """
+    t = obj.tables
+    assert t is not None
+    a, z = units.start[fim], units.end[fim]  # (F,)
+    slots = obj._slots[flat]  # (N,)
+    # A document's first byte is a cut position even when packing began it mid-character.
+    first_lead = t.lead[flat[a]]
+    slots[a] += ~first_lead
     cum = np.cumsum(slots)  # (N,)
-    f_start, f_end = starts[unit_fim], ends[unit_fim]  # (F,)
-    n_slots = cum[f_end - 1] - (cum[f_start] - slots[f_start])  # (F,) characters N per document
-    cuts = np.sort(rng.integers(0, n_slots[:, None] + 1, size=(len(f_start), 2)), axis=1)  # (F, 2)
-    i1, e1 = _locate(cuts[:, 0], f_start, f_end, n_slots, cum, slots, has0, flat, tables)
-    i2, e2 = _locate(cuts[:, 1], f_start, f_end, n_slots, cum, slots, has0, flat, tables)
+    before_a = cum[a] - slots[a]  # (F,)
+    n_chars = cum[z - 1] - before_a  # (F,)
+    # Two cuts uniform over the n_chars + 1 positions, sorted (the reference's randint pair).
+    cuts = np.sort(rng.integers(0, n_chars[:, None] + 1, size=(len(a), 2)), axis=1)  # (F, 2)
+    i1, e1 = _locate(cuts[:, 0], a, z, n_chars, before_a, cum, slots, flat, t)
+    i2, e2 = _locate(cuts[:, 1], a, z, n_chars, before_a, cum, slots, flat, t)
 
-    start = np.zeros((U, N_SLOTS), dtype=np.int64)
-    length = np.zeros((U, N_SLOTS), dtype=np.int64)
-    from_source = np.zeros((U, N_SLOTS), dtype=bool)
-    start[:, 0], length[:, 0] = starts, ends - starts  # plain units: one run, the unit itself
-
-    s, ln, src = _fim_runs(f_start, f_end, i1, e1, i2, e2, tables, len(tables.pieces))
-    start[unit_fim], length[unit_fim], from_source[unit_fim] = s, ln, src
-    canonical = np.broadcast_to(PSM_ORDER, (U, N_SLOTS)).copy()
-    spm = unit_fim & (coins[:, 1] < fim.spm_rate)
-    canonical[spm] = SPM_ORDER
-    start = np.take_along_axis(start, canonical, axis=1)
-    length = np.take_along_axis(length, canonical, axis=1)
-    from_source = np.take_along_axis(from_source, canonical, axis=1)
-    return _Plan(start=start, length=length, from_source=from_source, canonical=canonical,
-                 unit_row=starts // R, unit_fim=unit_fim,
-                 unit_pos0=rows.positions.reshape(-1)[starts])
-
-
-def _fim_runs(a: np.ndarray, z: np.ndarray, i1: np.ndarray, e1: np.ndarray, i2: np.ndarray,
-              e2: np.ndarray, t: FIMTables, sentinel_base: int,
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The 11 canonical runs of each FIM document [a, z) cut at (i1, e1) <= (i2, e2).
-
-    prefix = x[a:i1] + left(e1); middle = right(e1) + x[i1':i2] + left(e2);
-    suffix = right(e2) + x[i2':z], where i' skips a split token. Runs index the flat rows
-    or FIM._source (pieces, then PRE, SUF, MID)."""
+    N, P = flat.size, flat.size + len(t.pieces)  # sentinels sit at P, P + 1, P + 2
     F = len(a)
-    start = np.zeros((F, N_SLOTS), dtype=np.int64)
-    length = np.zeros((F, N_SLOTS), dtype=np.int64)
-    src = np.zeros((F, N_SLOTS), dtype=bool)
+    start = np.zeros((F, N_RUNS), dtype=np.int64)
+    length = np.zeros((F, N_RUNS), dtype=np.int64)
     s1, s2 = e1 >= 0, e2 >= 0
     ee1, ee2 = np.maximum(e1, 0), np.maximum(e2, 0)
-    for col, offset in ((PRE, 0), (SUF, 1), (MID, 2)):
-        start[:, col], length[:, col], src[:, col] = sentinel_base + offset, 1, True
+    start[:, PRE], start[:, SUF], start[:, MID] = P, P + 1, P + 2
+    length[:, [PRE, SUF, MID]] = 1
     start[:, P1], length[:, P1] = a, i1 - a
-    start[:, P2], length[:, P2] = t.piece_start[ee1], np.where(s1, t.piece_mid[ee1] - t.piece_start[ee1], 0)
-    start[:, M1], length[:, M1] = t.piece_mid[ee1], np.where(s1, t.piece_end[ee1] - t.piece_mid[ee1], 0)
+    left1, right1 = t.piece_mid[ee1] - t.piece_start[ee1], t.piece_end[ee1] - t.piece_mid[ee1]
+    left2, right2 = t.piece_mid[ee2] - t.piece_start[ee2], t.piece_end[ee2] - t.piece_mid[ee2]
+    start[:, P2], length[:, P2] = N + t.piece_start[ee1], s1 * left1
+    start[:, M1], length[:, M1] = N + t.piece_mid[ee1], s1 * right1
     start[:, M2], length[:, M2] = i1 + s1, np.maximum(i2 - (i1 + s1), 0)
-    start[:, M3], length[:, M3] = t.piece_start[ee2], np.where(s2, t.piece_mid[ee2] - t.piece_start[ee2], 0)
-    start[:, S1], length[:, S1] = t.piece_mid[ee2], np.where(s2, t.piece_end[ee2] - t.piece_mid[ee2], 0)
+    start[:, M3], length[:, M3] = N + t.piece_start[ee2], s2 * left2
+    start[:, S1], length[:, S1] = N + t.piece_mid[ee2], s2 * right2
     start[:, S3], length[:, S3] = i2 + s2, z - (i2 + s2)
-    src[:, [P2, M1, M3, S1, S2]] = True  # the pieces table; S2 is used by same-token cuts only
     for k in np.flatnonzero(s1 & (i1 == i2)):
-        _same_token_cuts(start[k], length[k], int(e1[k]), int(e2[k]), t)
-    return start, length, src
+        _same_token_cuts(start[k], length[k], int(e1[k]), int(e2[k]), t, N)
+    return start, length
 
 
-def _same_token_cuts(start: np.ndarray, length: np.ndarray, e1: int, e2: int, t: FIMTables) -> None:
+def _locate(cuts: np.ndarray, a: np.ndarray, z: np.ndarray, n_chars: np.ndarray,
+            before_a: np.ndarray, cum: np.ndarray, slots: np.ndarray, flat: np.ndarray,
+            t: FIMTables) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts (per document, in [0, n_chars]) -> (token index, split entry or -1).
+
+    Cut c < n_chars is the document's c-th character start: it lies in token i, either at
+    i's first byte (a cut before token i) or at one of i's interior splits. Cut n_chars is
+    the document's end."""
+    end = cuts == n_chars
+    g = before_a + np.minimum(cuts, n_chars - 1)  # global slot number
+    i = np.searchsorted(cum, g, side="right")  # the token whose slots contain g
+    r = g - (cum[i] - slots[i])  # slot within token i
+    has0 = t.lead[flat[i]] | (i == a)  # token i's slot 0 is its first byte
+    entry = t.split_base[flat[i]] + r - has0
+    entry = np.where((has0 & (r == 0)) | end, -1, entry)
+    return np.where(end, z, i), entry
+
+
+def _same_token_cuts(start: np.ndarray, length: np.ndarray, e1: int, e2: int, t: FIMTables,
+                     N: int) -> None:
     """Both cuts inside one token (rare: ~1/len per document). The middle and suffix then come
     from the first split's right piece, cut again at the second split's byte offset, which is a
     character start inside one of that piece's tokens: a second table lookup, no encoding."""
@@ -389,7 +388,7 @@ def _same_token_cuts(start: np.ndarray, length: np.ndarray, e1: int, e2: int, t:
     rel = int(t.split_offset[e2] - t.split_offset[e1])  # byte offset of cut 2 within `right`
     j = int(np.searchsorted(ends, rel, side="right"))
     o = rel - (int(ends[j - 1]) if j else 0)
-    base = int(t.piece_mid[e1])
+    base = N + int(t.piece_mid[e1])
     start[M1], length[M1] = base, j
     length[M2] = length[M3] = length[S1] = 0
     if o == 0:  # cut 2 falls between tokens of the right piece
@@ -398,55 +397,80 @@ def _same_token_cuts(start: np.ndarray, length: np.ndarray, e1: int, e2: int, t:
     u = int(right[j])
     lo, hi = int(t.split_base[u]), int(t.split_base[u + 1])
     e = lo + int(np.searchsorted(t.split_offset[lo:hi], o))
-    start[M3], length[M3] = t.piece_start[e], t.piece_mid[e] - t.piece_start[e]
-    start[S1], length[S1] = t.piece_mid[e], t.piece_end[e] - t.piece_mid[e]
+    start[M3], length[M3] = N + t.piece_start[e], t.piece_mid[e] - t.piece_start[e]
+    start[S1], length[S1] = N + t.piece_mid[e], t.piece_end[e] - t.piece_mid[e]
     start[S2], length[S2] = base + j + 1, len(right) - j - 1
 
 
-def _emit(rows: Rows, plan: _Plan, fim: FIM) -> Features:
-    """Lay the runs out row by row, truncate each row to R, pad cut-off prompts, set positions."""
-    sp = fim.specials
+def _emit(rows: Rows, units: _Units, fim: np.ndarray, spm: np.ndarray,
+          runs: tuple[np.ndarray, np.ndarray], obj: FIM) -> Features:
+    """Lay the units' runs out row by row, truncate rows to R, pad cut-off prompts, and
+    continue positions through FIM documents. Every output token is one gather from a run."""
+    sp = obj.specials
     B, R = rows.tokens.shape
-    flat = rows.tokens.reshape(-1)  # (N,)
-    in_pos = rows.positions.reshape(-1)  # (N,)
-    U = len(plan.unit_row)
-    length = plan.length.reshape(-1)  # (U*K,)
-    run_row = np.repeat(plan.unit_row, N_SLOTS)  # (U*K,)
-    ends = np.cumsum(length)
-    first_run = np.searchsorted(run_row, np.arange(B))  # (B,) every row has >= 1 unit
-    row_base = ends[first_run] - length[first_run]
-    out_start = ends - length - row_base[run_row]  # (U*K,) row-relative start of each run
-    placed = np.clip(R - out_start, 0, length)  # FIM only grows rows, so each row sums to >= R
-    run_of = np.repeat(np.arange(length.size), placed)  # (B*R,) run of each output token
-    offset = np.arange(B * R) - (run_row * R + out_start)[run_of]  # (B*R,)
-    idx = plan.start.reshape(-1)[run_of] + offset  # (B*R,)
-    from_source = plan.from_source.reshape(-1)[run_of]
-    source = fim._source  # type: ignore[attr-defined]
-    x_idx = np.where(from_source, 0, idx)
-    tokens = np.where(from_source, source[np.where(from_source, idx, 0)], flat[x_idx])  # (B*R,)
+    N = B * R
+    flat, in_pos = rows.tokens.reshape(-1), rows.positions.reshape(-1)  # (N,)
+    U = len(units.start)
+    unit_len_in = units.end - units.start  # (U,)
 
-    # Positions continue through a FIM document and restart wherever the input restarted:
-    # an anchor takes its position from the input, the tokens after it count on.
-    unit_of = run_of // N_SLOTS
-    plain = ~plan.unit_fim[unit_of]
-    restart = np.ones(flat.size, dtype=bool)
-    restart[1:] = in_pos[1:] != in_pos[:-1] + 1
-    restart[::R] = True
-    fim_head = ~plain & (run_of % N_SLOTS == 0) & (offset == 0)  # the PRE sentinel
-    anchor = (plain & restart[x_idx]) | fim_head
-    anchor_val = np.where(plain, in_pos[x_idx], plan.unit_pos0[unit_of]).reshape(B, R)
-    col = np.arange(R)
-    last = np.maximum.accumulate(np.where(anchor.reshape(B, R), col, -1), axis=1)  # (B, R)
-    positions = (np.take_along_axis(anchor_val, last, axis=1) + col - last).astype(np.int32)
+    # Runs per unit: a plain unit is one run of itself; a FIM unit its 11 runs in PSM/SPM order.
+    order = np.where(spm[:, None], SPM_ORDER, PSM_ORDER)  # (F, N_RUNS)
+    rr = np.arange(len(spm))[:, None]
+    start = np.zeros((U, N_RUNS), dtype=np.int64)
+    length = np.zeros((U, N_RUNS), dtype=np.int64)
+    start[:, 0], length[:, 0] = units.start, unit_len_in
+    start[fim], length[fim] = runs[0][rr, order], runs[1][rr, order]
 
-    # A FIM document whose <fim_middle> falls past the row end is padded out from its start.
-    out2d = out_start.reshape(U, N_SLOTS)
-    mid_col = np.argmax(plan.canonical == MID, axis=1)  # (U,)
-    mid_out = out2d[np.arange(U), mid_col]
-    cut = plan.unit_fim & (out2d[:, 0] < R) & (mid_out >= R)
-    pad_from = np.full(B, R, dtype=np.int64)
-    pad_from[plan.unit_row[cut]] = out2d[cut, 0]
-    padded = col[None, :] >= pad_from[:, None]  # (B, R)
-    tokens = np.where(padded, sp.fim_pad, tokens.reshape(B, R)).astype(np.int32)
-    mask = (positions > 0) & (tokens != sp.pad) & ~padded
+    # Where every run lands in its row (before truncation to R).
+    unit_len = length.sum(axis=1)  # (U,)
+    unit_row = units.start // R  # (U,)
+    unit_end = np.cumsum(unit_len)
+    first = np.searchsorted(unit_row, np.arange(B))  # (B,) every row holds >= 1 unit
+    unit_out = unit_end - unit_len - (unit_end[first] - unit_len[first])[unit_row]  # (U,)
+    run_out = unit_out[:, None] + np.cumsum(length, axis=1) - length  # (U, N_RUNS)
+    placed = np.clip(R - run_out, 0, length)  # FIM only grows a row: each row places R
+
+    # Positions: the input's, except that a FIM document counts on from its first position,
+    # and whatever continues its document after it (its EOS) is shifted by its growth.
+    pos0 = in_pos[units.start[fim]].astype(np.int64)  # (F,)
+    counting = np.arange(int(pos0.max()) + 2 * R, dtype=np.int64)
+    pos_start = start.copy()
+    pos_start[fim] = N + pos0[:, None] + run_out[fim] - unit_out[fim, None]
+    pos_source = np.concatenate([in_pos.astype(np.int64), counting])
+    _shift_continuations(pos_source, in_pos, units.end[fim], unit_len[fim] - unit_len_in[fim], R)
+
+    # One gather each for tokens and positions: run offsets repeated over their tokens.
+    run_dst = (unit_row[:, None] * R + run_out).reshape(-1)
+    n = placed.reshape(-1)
+    col = np.arange(N)
+    source = np.concatenate([flat, obj._source])  # (N + P + 3,)
+    tokens = source[np.repeat(start.reshape(-1) - run_dst, n) + col].reshape(B, R)
+    positions = pos_source[np.repeat(pos_start.reshape(-1) - run_dst, n) + col]
+    positions = positions.astype(np.int32).reshape(B, R)
+    mask = (positions > 0) & (tokens != sp.pad)
+
+    # A FIM document whose <fim_middle> falls past the row end: fim_pad from its start on.
+    mid = np.where(spm, SPM_MID, PSM_MID)  # (F,)
+    f_out, mid_out = unit_out[fim], run_out[fim][np.arange(len(mid)), mid]
+    for k in np.flatnonzero((f_out < R) & (mid_out >= R)):
+        b = unit_row[fim][k]
+        tokens[b, f_out[k]:] = sp.fim_pad
+        mask[b, f_out[k]:] = False
     return Features(targets=tokens, target_mask=mask, positions=positions)
+
+
+def _shift_continuations(pos_source: np.ndarray, in_pos: np.ndarray, ends: np.ndarray,
+                         growth: np.ndarray, R: int) -> None:
+    """Add each FIM document's growth to the input positions of the tokens that continue its
+    document (up to the next position restart: the next document or row)."""
+    nxt = ends.copy()
+    N = len(in_pos)
+    live = nxt < N
+    while live.any():  # one step per continuing token; almost always just the EOS
+        j = nxt[live]
+        cont = (j % R != 0) & (in_pos[j] == in_pos[j - 1] + 1)
+        pos_source[j[cont]] += growth[live][cont]
+        idx = np.flatnonzero(live)
+        live[idx[~cont]] = False
+        nxt[idx[cont]] += 1
+        live &= nxt < N

@@ -39,8 +39,16 @@ def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 
 
 def render(shown: dict[str, Any], tokenizer) -> str:  # noqa: ANN001
     """Readable text of the ids (special tokens visible), one block per batch key."""
+    pad = shown["special_tokens"]["pad"]
+
     def text(ids: list[int]) -> str:
-        return tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=False)
+        ids = [i for i in ids if i >= 0]
+        n_pad = 0
+        while ids and ids[-1] == pad:  # trailing padding: count it, do not print it
+            ids.pop()
+            n_pad += 1
+        body = tokenizer.decode(ids, skip_special_tokens=False)
+        return body + (f"  [+{n_pad} <|pad|>]" if n_pad else "")
 
     lines = [f"objective {shown['objective']} ({shown['architecture']}), seed {shown['seed']}"]
     for key in ("input_ids", "decoder_input_ids"):

@@ -27,7 +27,8 @@ def objective_class(name: str) -> type[Objective]:
 
 
 def objective_param_names(name: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(objective_class(name)) if f.name != "specials"]
+    return [f.name for f in dataclasses.fields(objective_class(name))
+            if f.name != "specials" and f.metadata.get("param", True)]
 
 
 def build_objective(name: str, params: dict[str, object], specials: SpecialIds,

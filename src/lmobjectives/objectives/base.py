@@ -93,7 +93,8 @@ class Features:
 
 class Objective(abc.ABC):
     """A pre-training objective. Subclasses are frozen keyword-only dataclasses whose fields
-    are the objective's parameters (``lmobj train --set objective.PARAM=VALUE``)."""
+    are the objective's parameters (``lmobj train --set objective.PARAM=VALUE``); a field with
+    ``metadata={"param": False}`` is a table derived from the tokenizer, not a parameter."""
 
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]  # the first is the default
@@ -111,7 +112,7 @@ class Objective(abc.ABC):
     def params(self) -> dict[str, object]:
         """The objective's parameters, for config files and reports."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                if f.name != "specials"}
+                if f.name != "specials" and f.metadata.get("param", True)}
 
 
 def single_stream_mask(rows: Rows, specials: SpecialIds) -> np.ndarray:

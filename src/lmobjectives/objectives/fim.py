@@ -261,10 +261,12 @@ class FIM(Objective):
         return dataclasses.replace(self, tables=tables)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer, **params: float) -> "FIM":
+    def from_tokenizer(cls, tokenizer: Tokenizer, *, specials: SpecialIds | None = None,
+                       **params: float) -> "FIM":
         """A FIM objective for ``tokenizer``: special ids from its vocabulary, tables built."""
-        specials = SpecialIds.from_vocab(tokenizer.get_vocab(with_added_tokens=True),
-                                         tokenizer.get_vocab_size(with_added_tokens=True))
+        if specials is None:
+            specials = SpecialIds.from_vocab(tokenizer.get_vocab(with_added_tokens=True),
+                                             tokenizer.get_vocab_size(with_added_tokens=True))
         return cls(specials=specials, tables=build_tables(tokenizer), **params)
 
     def __call__(self, rows: Rows, rng: np.random.Generator) -> Features:

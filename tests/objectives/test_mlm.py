@@ -86,11 +86,13 @@ def test_custom_replacement_split():
 
 def test_deterministic_for_a_seed():
     rows = make_rows(2, 4, 100)
+    before = rows.tokens.copy()
     obj = MLM(specials=SP)
     a, b = obj(rows, np.random.default_rng(5)), obj(rows, np.random.default_rng(5))
     c = obj(rows, np.random.default_rng(6))
     assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.target_mask, b.target_mask)
     assert not np.array_equal(a.target_mask, c.target_mask)
+    assert np.array_equal(rows.tokens, before)  # the rows are not modified
 
 
 def test_encoder_batch_scores_selected_only():

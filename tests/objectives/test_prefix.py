@@ -71,9 +71,12 @@ def test_split_is_uniform():
 
 def test_deterministic_for_a_seed():
     rows = make_rows(1, 16, 64, [0] * 16)
+    before = rows.tokens.copy()
     obj = build_objective("prefix", {}, SP)
     a, b = obj(rows, np.random.default_rng(3)), obj(rows, np.random.default_rng(3))
     c = obj(rows, np.random.default_rng(4))
     assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets)
     assert not np.array_equal(a.input_lengths, c.input_lengths)
     assert obj.params() == {} and obj.row_length(64) == 64
+
+    assert np.array_equal(rows.tokens, before)  # the rows are not modified

@@ -105,7 +105,8 @@ def test_reconstruction_lengths_and_pad(seed, batch, seq_len, density, mean, dat
         n_in, n_tg = int(f.input_lengths[b]), int(f.target_lengths[b])
         assert n_in == n - noise + spans + 1 and n_tg == noise + spans + 1
         if pads[b] == 0:  # a full row fills the inputs exactly, unless spans hit their cap
-            assert n_in == seq_len or (n_in == seq_len - 1 and spans_capped(R + 1, density, mean))
+            capped = spans_capped(R, density, mean) or spans_capped(R + 1, density, mean)
+            assert n_in == seq_len or (n_in == seq_len - 1 and capped)
         inputs, targets = f.inputs[b].tolist(), f.targets[b].tolist()
         assert inputs[n_in - 1] == SP.eos and targets[n_tg - 1] == SP.eos
         assert set(inputs[n_in:]) <= {SP.pad} and set(targets[n_tg:]) <= {SP.pad}
@@ -170,11 +171,13 @@ def test_density_and_mean_span_over_many_rows():
 def test_deterministic_for_a_seed():
     obj = SpanCorruption(specials=SP)
     rows = make_rows(3, 8, obj.row_length(64), [0] * 7 + [20])
+    before = rows.tokens.copy()
     a = obj(rows, np.random.default_rng(7))
     b = obj(rows, np.random.default_rng(7))
     c = obj(rows, np.random.default_rng(8))
     assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets)
     assert not np.array_equal(a.inputs, c.inputs)
+    assert np.array_equal(rows.tokens, before)  # the rows are not modified
 
 
 def test_converters_accept_span_features():

@@ -148,9 +148,11 @@ def test_converters_accept_ul2_features():
 def test_deterministic_for_a_seed():
     obj = UL2(specials=SP)
     rows = make_rows(4, 16, obj.row_length(128), [0] * 16)
+    before = rows.tokens.copy()
     a, b = obj(rows, np.random.default_rng(9)), obj(rows, np.random.default_rng(9))
     assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.targets, b.targets)
     assert np.array_equal(a.extras["denoiser"], b.extras["denoiser"])
+    assert np.array_equal(rows.tokens, before)  # the rows are not modified
 
 
 def test_errors():

@@ -45,16 +45,21 @@ def random_split_points(lengths: np.ndarray, rng: np.random.Generator) -> np.nda
 
 def split_rows(tokens: np.ndarray, lengths: np.ndarray, split: np.ndarray,
                pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``tokens[:p]`` and targets ``tokens[p:n]``, each padded to the batch maximum."""
+    """Inputs ``tokens[:p]`` and targets ``tokens[p:n]``, each padded to the batch maximum.
+
+    Rows hold PAD after their ``n`` real tokens, so a window of the row starting at ``p``
+    is already the padded target; a PAD margin keeps every window inside the array.
+    """
     B, R = tokens.shape
-    n_tg = lengths - split  # (B,)
-    S, T = max(int(split.max(initial=0)), 1), max(int(n_tg.max(initial=0)), 1)
-    col_in = np.arange(S)[None, :]  # (1, S)
-    inputs = np.where(col_in < split[:, None], tokens[:, :S], pad)  # (B, S)
-    col_tg = np.arange(T)[None, :]  # (1, T)
-    src = np.minimum(split[:, None] + col_tg, R - 1)  # (B, T)
-    targets = np.where(col_tg < n_tg[:, None], np.take_along_axis(tokens, src, axis=1), pad)
-    return inputs.astype(tokens.dtype), targets.astype(tokens.dtype)
+    S = max(int(split.max(initial=0)), 1)
+    T = max(int((lengths - split).max(initial=0)), 1)
+    inputs = tokens[:, :S].copy()  # (B, S)
+    inputs[np.arange(S)[None, :] >= split[:, None]] = pad
+    margin = np.full((B, R + T), pad, dtype=tokens.dtype)  # (B, R + T)
+    margin[:, :R] = tokens
+    windows = np.lib.stride_tricks.sliding_window_view(margin, T, axis=1)  # (B, R + 1, T) view
+    targets = windows[np.arange(B), split]  # (B, T)
+    return inputs, targets
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,7 +61,7 @@ def random_u32(rng: np.random.Generator, shape: tuple[int, ...] | int) -> np.nda
 
 def non_pad_lengths(tokens: np.ndarray, pad: int) -> np.ndarray:
     """Real tokens per row: PAD only ever fills a row's tail (the epoch's last row)."""
-    return (tokens != pad).sum(axis=1).astype(np.int64)  # (B,)
+    return np.count_nonzero(tokens != pad, axis=1).astype(np.int64)  # (B,)
 
 
 def ranked_keys(region: np.ndarray, sizes: np.ndarray, counts: np.ndarray,

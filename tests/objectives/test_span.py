@@ -227,3 +227,16 @@ def test_scalar_and_vector_counts_agree():
         noise, spans = noise_counts(lengths, density, mean)
         pairs = [row_counts(int(n), density, mean) for n in lengths]
         assert [p[0] for p in pairs] == noise.tolist() and [p[1] for p in pairs] == spans.tolist()
+
+
+def test_span_placement_is_uniform_in_padded_rows():
+    # The same 12 masks when the rows sit in a wider, PAD-padded batch (the general path).
+    draws = 6000
+    lengths = np.full(draws, 10)
+    lengths[::2] = 11  # mixed lengths: no shared block of cuts
+    mask = random_spans_noise_mask(lengths, 14, 0.3, 1.5, np.random.default_rng(1))
+    assert not mask[:, 11:].any()
+    seen = Counter(map(bytes, mask[1::2, :10].astype(np.uint8)))
+    assert len(seen) == 12
+    sigma = np.sqrt(draws / 2 * (1 / 12) * (11 / 12))
+    assert all(abs(c - draws / 2 / 12) < 5 * sigma for c in seen.values())

@@ -22,7 +22,8 @@ Worked example (sentinels 10, 11; EOS 0), one row of 8 tokens, density 0.25, mea
 
 Trade-off: the counts do not depend on the randomness, so ``row_length`` can promise that a
 full row's inputs fill ``seq_len`` exactly and its targets fill ``target_length(seq_len)``
-(T5's ``random_spans_helper``: 568 raw tokens -> 512 inputs, 114 targets at 0.15 / 3). The
+(T5's ``random_spans_helper``: 568 raw tokens -> 512 inputs, 114 targets at 0.15 / 3;
+``raw_length`` notes the one degenerate corner where inputs fall a token short). The
 price is T5's positional bias: the last token of a row is always noise (T5 issue #905).
 
 Packed rows keep their inner EOS separators as ordinary tokens that may be corrupted, as
@@ -68,8 +69,8 @@ def ranked_keys(region: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random keys whose smallest ``counts[b, r]`` in region ``r`` are a uniform choice.
 
-    ``region`` (B, W) int8 holds 0..K-1 for candidate positions and K for positions never
-    chosen; ``sizes`` (B, K) counts each region's positions and ``counts`` (B, K) says how
+    ``region`` (B, W) int8 (or (1, W), shared by all rows) holds 0..K-1 for candidate
+    positions and K for positions never chosen; ``sizes`` (B, K) counts each region's positions and ``counts`` (B, K) says how
     many to choose. Returns int32 ``keys`` (B, W), tagged so that region r's keys lie in
     [r * 2**29, (r + 1) * 2**29), and ``thresholds`` (B, K): the largest chosen key of each
     region, -1 where nothing is chosen; ``in_region(keys, r, thresholds)`` is the choice.
@@ -77,8 +78,8 @@ def ranked_keys(region: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
     would make the choice depend on the sort, so those rows (probability ~ W * 2**-29) are
     drawn again: the choice is exactly uniform.
     """
-    B, W = region.shape
     starts = np.cumsum(sizes, axis=1) - sizes  # (B, K) first sorted slot of each region
+    region = np.broadcast_to(region, (sizes.shape[0], region.shape[1]))
     keys = _tagged_keys(region, rng)
     thresholds, tied = _thresholds(keys, starts, sizes, counts)
     while tied.any():
@@ -98,15 +99,20 @@ def in_region(keys: np.ndarray, r: int, thresholds: np.ndarray) -> np.ndarray:
 
 
 def _tagged_keys(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(B, W) int32: 29 random bits under the region number."""
     keys = random_u32(rng, region.shape)
     keys >>= 32 - _KEY_BITS
     keys = keys.view(np.int32)
+    if region.strides[0] == 0:  # one region row for all rows: tag it once, broadcast
+        region = region[:1]
     keys |= np.left_shift(region, _KEY_BITS, dtype=np.int32)
     return keys  # (B, W)
 
 
 def _thresholds(keys: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
                 counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and region the ``counts``-th smallest key (-1 for none), and whether the
+    next key of the region equals it (a tie the caller must draw again)."""
     B, W = keys.shape
     if W == 0:
         return np.full(counts.shape, -1, np.int32), np.zeros(B, dtype=bool)
@@ -134,6 +140,14 @@ def _piece_lengths(cut_at: np.ndarray, n_pieces: np.ndarray, total: np.ndarray) 
     lengths = np.diff(ends, prepend=0)
     lengths[row_end[:-1] + 1] = ends[row_end[:-1] + 1]  # a row's first piece starts at 0
     return lengths
+
+
+def _block_piece_lengths(cut_at: np.ndarray, total: int) -> np.ndarray:
+    """``_piece_lengths`` when every row has the same cuts count: ``cut_at`` is (B, k - 1)."""
+    ends = np.empty((cut_at.shape[0], cut_at.shape[1] + 1), dtype=np.int64)  # (B, k)
+    ends[:, :-1] = cut_at
+    ends[:, -1] = total
+    return np.diff(ends, axis=1, prepend=0).reshape(-1)
 
 
 # --------------------------------------------------------------------------- noise mask
@@ -170,19 +184,28 @@ def random_spans_noise_mask(lengths: np.ndarray, width: int, noise_density: np.n
     n, noise, spans = lengths[live], noise[live], spans[live]
     clean = n - noise
     W = width - 2  # (noise - 1) + (clean - 1) gaps = n - 2 <= width - 2
+    # Usually every row has the same counts (full rows of one objective): then one region
+    # row serves all rows and the cuts form a (rows, spans - 1) block.
+    same = bool((n == n[0]).all() and (noise == noise[0]).all() and (spans == spans[0]).all())
     # Region per gap column: noise gaps (0), then clean gaps (1), then unused columns (2).
-    region = np.repeat(np.tile(np.arange(3, dtype=np.int8), live.size),
-                       np.stack([noise - 1, clean - 1, W - (n - 2)], 1).reshape(-1))
-    region = region.reshape(live.size, W)
+    sizes = np.stack([noise - 1, clean - 1, W - (n - 2)], 1)  # (b, 3)
+    regions = sizes[:1] if same else sizes
+    region = np.repeat(np.tile(np.arange(3, dtype=np.int8), regions.shape[0]), regions.reshape(-1))
+    region = region.reshape(regions.shape[0], W)
     cuts = np.repeat((spans - 1)[:, None], 2, axis=1)  # (b, 2) the same in both spaces
-    keys, thresholds = ranked_keys(region, np.stack([noise - 1, clean - 1], 1), cuts, rng)
+    keys, thresholds = ranked_keys(region, sizes[:, :2], cuts, rng)
     # A cut in gap column c of a space starts a new piece at item c + 1 of that space.
     noise_cut = np.flatnonzero(in_region(keys, 0, thresholds)) % max(W, 1) + 1
     clean_cut = np.flatnonzero(in_region(keys, 1, thresholds)) % max(W, 1)
     clean_cut -= np.repeat(noise - 1, spans - 1) - 1
     pieces = np.empty((spans.sum(), 2), dtype=np.int64)  # (total spans, [clean, noise])
-    pieces[:, 0] = _piece_lengths(clean_cut, spans, clean)
-    pieces[:, 1] = _piece_lengths(noise_cut, spans, noise)
+    if same:
+        shape = (live.size, int(spans[0]) - 1)
+        pieces[:, 0] = _block_piece_lengths(clean_cut.reshape(shape), int(clean[0]))
+        pieces[:, 1] = _block_piece_lengths(noise_cut.reshape(shape), int(noise[0]))
+    else:
+        pieces[:, 0] = _piece_lengths(clean_cut, spans, clean)
+        pieces[:, 1] = _piece_lengths(noise_cut, spans, noise)
     flat = np.repeat(np.tile(np.array([False, True]), pieces.shape[0]), pieces.reshape(-1))
     mask = np.zeros((B, width), dtype=bool)
     if live.size == B and (n == width).all():

@@ -177,7 +177,11 @@ def random_spans_noise_mask(lengths: np.ndarray, width: int, noise_density: np.n
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     B = lengths.shape[0]
-    noise, spans = noise_counts(lengths, noise_density, mean_span)
+    if B and np.ndim(noise_density) == np.ndim(mean_span) == 0 and (lengths == lengths[0]).all():
+        counts = row_counts(int(lengths[0]), noise_density, mean_span)  # one row's worth
+        noise, spans = (np.full(B, c, dtype=np.int64) for c in counts)
+    else:
+        noise, spans = noise_counts(lengths, noise_density, mean_span)
     live = np.flatnonzero(lengths >= 2)  # rows of < 2 tokens carry no noise
     if width < 2 or live.size == 0:
         return np.zeros((B, width), dtype=bool)
@@ -195,15 +199,17 @@ def random_spans_noise_mask(lengths: np.ndarray, width: int, noise_density: np.n
     cuts = np.repeat((spans - 1)[:, None], 2, axis=1)  # (b, 2) the same in both spaces
     keys, thresholds = ranked_keys(region, sizes[:, :2], cuts, rng)
     # A cut in gap column c of a space starts a new piece at item c + 1 of that space.
-    noise_cut = np.flatnonzero(in_region(keys, 0, thresholds)) % max(W, 1) + 1
-    clean_cut = np.flatnonzero(in_region(keys, 1, thresholds)) % max(W, 1)
-    clean_cut -= np.repeat(noise - 1, spans - 1) - 1
     pieces = np.empty((spans.sum(), 2), dtype=np.int64)  # (total spans, [clean, noise])
-    if same:
-        shape = (live.size, int(spans[0]) - 1)
-        pieces[:, 0] = _block_piece_lengths(clean_cut.reshape(shape), int(clean[0]))
-        pieces[:, 1] = _block_piece_lengths(noise_cut.reshape(shape), int(noise[0]))
+    if same:  # each space is one column block: look for cuts inside it only
+        a, b, k = int(noise[0]) - 1, int(n[0]) - 2, int(spans[0]) - 1
+        noise_cut = np.flatnonzero(keys[:, :a] <= thresholds[:, :1]) % max(a, 1) + 1
+        clean_cut = np.flatnonzero(keys[:, a:b] <= thresholds[:, 1:]) % max(b - a, 1) + 1
+        pieces[:, 0] = _block_piece_lengths(clean_cut.reshape(live.size, k), int(clean[0]))
+        pieces[:, 1] = _block_piece_lengths(noise_cut.reshape(live.size, k), int(noise[0]))
     else:
+        noise_cut = np.flatnonzero(in_region(keys, 0, thresholds)) % max(W, 1) + 1
+        clean_cut = np.flatnonzero(in_region(keys, 1, thresholds)) % max(W, 1)
+        clean_cut -= np.repeat(noise - 1, spans - 1) - 1
         pieces[:, 0] = _piece_lengths(clean_cut, spans, clean)
         pieces[:, 1] = _piece_lengths(noise_cut, spans, noise)
     flat = np.repeat(np.tile(np.array([False, True]), pieces.shape[0]), pieces.reshape(-1))

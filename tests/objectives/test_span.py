@@ -223,7 +223,8 @@ def test_tiny_rows():
 
 def test_scalar_and_vector_counts_agree():
     lengths = np.arange(0, 3000)
-    for density, mean in [(0.15, 3.0), (0.5, 1.0), (0.5, 3.0), (0.15, 64.0), (0.8, 1.5), (0.05, 8.0)]:
+    settings_ = [(0.15, 3.0), (0.5, 1.0), (0.5, 3.0), (0.15, 64.0), (0.8, 1.5), (0.05, 8.0)]
+    for density, mean in settings_:
         noise, spans = noise_counts(lengths, density, mean)
         pairs = [row_counts(int(n), density, mean) for n in lengths]
         assert [p[0] for p in pairs] == noise.tolist() and [p[1] for p in pairs] == spans.tolist()

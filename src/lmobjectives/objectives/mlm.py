@@ -44,9 +44,12 @@ from lmobjectives.tokenizer.special import SpecialIds
 _U32 = 2.0**32  # probabilities are compared against uint32 words: resolution 2**-32
 
 
-def _u32_threshold(p: float) -> np.uint64:
-    """Words ``u < threshold`` have probability ``p`` (up to 2**-32)."""
-    return np.uint64(min(round(p * _U32), 2**32))
+def _below(u: np.ndarray, p: float) -> np.ndarray:
+    """Bool mask of uint32 words ``u`` below ``p * 2**32``: probability ``p`` (to 2**-32)."""
+    threshold = round(p * _U32)
+    if threshold >= 2**32:
+        return np.ones(u.shape, dtype=bool)
+    return u < np.uint32(threshold)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,9 +107,9 @@ class MLM(Objective):
             selected = self._select(eligible, rng)
         corrupted = tokens.copy()
         where = np.flatnonzero(selected)  # flat positions of selected tokens
-        u = random_u32(rng, where.size).astype(np.uint64)
-        to_mask = u < _u32_threshold(self.replace_mask)
-        to_random = ~to_mask & (u < _u32_threshold(self.replace_mask + self.replace_random))
+        u = random_u32(rng, where.size)
+        to_mask = _below(u, self.replace_mask)
+        to_random = ~to_mask & _below(u, self.replace_mask + self.replace_random)
         flat = corrupted.reshape(-1)
         flat[where[to_mask]] = self.specials.mask
         picks = rng.integers(0, self._random_ids.size, size=int(to_random.sum()))
@@ -121,8 +124,7 @@ class MLM(Objective):
             counts = np.round(sizes * self.mask_rate).astype(np.int64)
             keys, thresholds = ranked_keys((~candidates).view(np.int8), sizes, counts, rng)
             return in_region(keys, 0, thresholds)
-        u = random_u32(rng, candidates.shape)
-        return candidates & (u.astype(np.uint64) < _u32_threshold(self.mask_rate))
+        return candidates & _below(random_u32(rng, candidates.shape), self.mask_rate)
 
     def _select_words(self, tokens: np.ndarray, eligible: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:

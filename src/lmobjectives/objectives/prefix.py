@@ -64,7 +64,7 @@ def split_rows(tokens: np.ndarray, lengths: np.ndarray, split: np.ndarray,
 
 @dataclass(frozen=True, kw_only=True)
 class PrefixLM(Objective):
-    """Prefix LM with a uniform split point (T5 ``prefix_lm``; seqio ``PrefixLMFeatureConverter``)."""
+    """Prefix LM with a uniform split point (T5 ``prefix_lm``, seqio's prefix-LM converter)."""
 
     name: ClassVar[str] = "prefix"
     architectures: ClassVar[tuple[str, ...]] = ("prefix_lm",)

@@ -70,8 +70,8 @@ def ranked_keys(region: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
     """Random keys whose smallest ``counts[b, r]`` in region ``r`` are a uniform choice.
 
     ``region`` (B, W) int8 (or (1, W), shared by all rows) holds 0..K-1 for candidate
-    positions and K for positions never chosen; ``sizes`` (B, K) counts each region's positions and ``counts`` (B, K) says how
-    many to choose. Returns int32 ``keys`` (B, W), tagged so that region r's keys lie in
+    positions and K for positions never chosen; ``sizes`` (B, K) counts each region's
+    positions and ``counts`` (B, K) says how many to choose. Returns int32 ``keys`` (B, W), tagged so that region r's keys lie in
     [r * 2**29, (r + 1) * 2**29), and ``thresholds`` (B, K): the largest chosen key of each
     region, -1 where nothing is chosen; ``in_region(keys, r, thresholds)`` is the choice.
     One int32 sort orders every region of every row at once. Keys tied across a threshold

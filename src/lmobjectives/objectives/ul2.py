@@ -106,8 +106,10 @@ class UL2(Objective):
         return [d for d, r in zip(DENOISERS, self.rates) if r > 0]
 
     def row_length(self, seq_len: int) -> int:
-        """Largest row for which every enabled denoiser's inputs (mode token too) fit ``seq_len``."""
-        lengths = [seq_len if d.is_prefix_lm else raw_length(seq_len - 1, d.noise_density, d.mean_span)
+        """Largest row for which every enabled denoiser's inputs (mode token too) fit."""
+        # The mode token takes one input slot; an S prefix is at most the row but one token.
+        lengths = [seq_len if d.is_prefix_lm
+                   else raw_length(seq_len - 1, d.noise_density, d.mean_span)
                    for d in self._enabled()]
         length = min(lengths)
         self._check_sentinels(length)
@@ -138,8 +140,9 @@ class UL2(Objective):
         noise = np.zeros((B, R), dtype=bool)  # (B, R) target tokens
         span_rows = np.flatnonzero(~is_prefix)
         if span_rows.size:
+            picked = which[span_rows]
             noise[span_rows] = random_spans_noise_mask(
-                lengths[span_rows], R, _DENSITY[which[span_rows]], _MEAN_SPAN[which[span_rows]], rng)
+                lengths[span_rows], R, _DENSITY[picked], _MEAN_SPAN[picked], rng)
         prefix_rows = np.flatnonzero(is_prefix)
         if prefix_rows.size:
             n = lengths[prefix_rows][:, None]  # (b, 1)

@@ -10,10 +10,18 @@ from lmobjectives.errors import UserError
 from lmobjectives.objectives.base import Features, Objective, Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.objectives.fim import FIM
+from lmobjectives.objectives.mlm import MLM
+from lmobjectives.objectives.prefix import PrefixLM
+from lmobjectives.objectives.span import SpanCorruption
+from lmobjectives.objectives.ul2 import UL2
 from lmobjectives.tokenizer.special import SpecialIds
 
 OBJECTIVES: dict[str, type[Objective]] = {
     CLM.name: CLM,
+    MLM.name: MLM,
+    SpanCorruption.name: SpanCorruption,
+    UL2.name: UL2,
+    PrefixLM.name: PrefixLM,
     FIM.name: FIM,
 }
 

@@ -14,6 +14,9 @@ from lmobjectives.util import publish_dir
 
 
 def export_model(model: torch.nn.Module, tokenizer, out: str | Path) -> Path:  # noqa: ANN001
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per export is enough; ours says where it went
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))

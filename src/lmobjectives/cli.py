@@ -92,6 +92,26 @@ def train(
         if result.eval:
             _say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in result.eval.items()))
+        if not result.stopped:
+            _print_showcase(result.run_dir)
+
+
+def _print_showcase(run_dir: Path) -> None:
+    """The end of a finished run: a short generation and an infill example (``showcase``)."""
+    from lmobjectives.infer.api import showcase
+
+    shown = showcase(str(run_dir))
+    if "generation" in shown:
+        g = shown["generation"]
+        print(f"--- generation (greedy, prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
+    if "infill" in shown:
+        f = shown["infill"]
+        if f["kind"] == "fim":
+            print(f"--- infill (FIM {f['mode'].upper()}; the middle in [[ ]], stopped by "
+                  f"{f['stopped_by']})\n{f['prefix']}[[{f['middle']}]]{f['suffix']}", end="")
+        else:
+            print(f"--- infill (sentinel spans {f['spans']}, stopped by {f['stopped_by']})\n"
+                  f"{f['input']}\n-> {f['text']}", end="")
 
 
 # ------------------------------------------------------------------------------------ data
@@ -160,12 +180,13 @@ def eval_(
     run_dir: str = typer.Argument(..., help="A run directory."),
     data: Optional[str] = typer.Option(None, help="A store or corpus to evaluate on (default: the run's validation split)."),
     batches: int = typer.Option(16, help="Validation batches."),
+    infill_samples: int = typer.Option(20, help="Held-out lines for infill exact match (FIM/CLM decoders; 0 = skip)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Loss, perplexity and bits-per-byte of a run on held-out data."""
+    """Loss, perplexity and bits-per-byte of a run on held-out data (+ infill exact match)."""
     from lmobjectives.evaluate.run import evaluate_dir
 
-    res = evaluate_dir(run_dir, data=data, n_batches=batches)
+    res = evaluate_dir(run_dir, data=data, n_batches=batches, infill_samples=infill_samples)
     if json_out:
         _print_json(res)
     else:
@@ -189,6 +210,38 @@ def generate(
     res = generate_text(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed)
     _print_json(res) if json_out else print(prompt + res["text"])
+
+
+@app.command()
+def infill(
+    run_dir: str = typer.Argument(..., help="A run directory (or an HF model directory)."),
+    prefix: Optional[str] = typer.Option(None, help="FIM: text before the gap."),
+    suffix: Optional[str] = typer.Option(None, help="FIM: text after the gap."),
+    mode: str = typer.Option("psm", help="FIM prompt order: psm or spm."),
+    file: Optional[str] = typer.Option(None, help="FIM: fill a line of this file (with --line)."),
+    line: Optional[int] = typer.Option(None, help="FIM: the 1-based line of --file to fill."),
+    text: Optional[str] = typer.Option(None, help="Span/UL2 runs: text with <extra_id_0>, <extra_id_1>, ... gaps."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fill a gap: the middle between --prefix and --suffix (FIM decoders), a line of a file,
+    or the <extra_id_N> spans of --text (span/UL2 runs)."""
+    from lmobjectives.infer.api import infill as run_infill
+
+    res = run_infill(run_dir, prefix=prefix, suffix=suffix, text=text, file=file, line=line,
+                     mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed)
+    if json_out:
+        _print_json(res)
+    elif res.get("file"):
+        print(f"line {res['line']} (model): {res['middle']}")
+        print(f"line {res['line']} (file):  {res['expected']}")
+        print(f"exact match: {'yes' if res['exact_match'] else 'no'}")
+    else:
+        print(res["text"])
 
 
 @app.command()

@@ -105,13 +105,14 @@ def _infill(loaded: Loaded, *, prefix: str | None, suffix: str | None, text: str
 
     path = str(loaded.run_dir or loaded.path)
     objective = run_objective(loaded)
-    trained = f"{loaded.architecture} model" + (f" trained with {objective}" if objective else "")
+    trained = f"model of architecture {loaded.architecture}" + (
+        f", trained with {objective}" if objective else "")
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                 "seed": seed}
     if text is not None:
         if loaded.architecture not in SENTINEL_ARCHITECTURES or \
                 (objective is not None and objective not in SENTINEL_OBJECTIVES):
-            raise UserError(f"{path} is a {trained}; --text fills <extra_id_N> spans for span or "
+            raise UserError(f"{path} holds a {trained}; --text fills <extra_id_N> spans for span or "
                             "UL2 runs (encoder_decoder or prefix_lm). "
                             + ("Use --prefix/--suffix for a decoder."
                                if loaded.architecture == "decoder" else ""))
@@ -126,7 +127,7 @@ def _infill(loaded: Loaded, *, prefix: str | None, suffix: str | None, text: str
     if loaded.architecture not in FIM_ARCHITECTURES:
         hint = ("use --text with <extra_id_N> sentinels" if loaded.architecture in
                 SENTINEL_ARCHITECTURES else "an encoder does not generate")
-        raise UserError(f"{path} is a {trained}; --prefix/--suffix/--file infill with a "
+        raise UserError(f"{path} holds a {trained}; --prefix/--suffix/--file infill with a "
                         f"decoder (objective fim); {hint}")
     expected = None
     if file is not None:

@@ -182,6 +182,7 @@ class MiddleStop:
     suffix: str = ""
     single_line: bool = False
     max_chars: int | None = None
+    anchor: str | None = field(init=False)  # the suffix's opening text, when long enough
     _special: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -218,7 +218,9 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     model.config.use_cache = False
     model.to(device)
     bf16 = use_bf16(cfg.model.precision, device)
-    module = StandardModule(model, architecture, bf16=bf16)
+    # torch.compile wraps the same parameters: checkpoints and export use the plain model.
+    forward_model = torch.compile(model) if cfg.model.compile else model
+    module = StandardModule(forward_model, architecture, bf16=bf16)
     info = {"tokenizer": tok_from, "init_from": cfg.model.init_from,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in sources}}

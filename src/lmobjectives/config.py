@@ -86,6 +86,10 @@ class RunConfig(_Strict):
         if self.architecture is not None and self.architecture not in cls.architectures:
             raise ValueError(f"objective '{self.objective}' trains {', '.join(cls.architectures)}, "
                              f"not '{self.architecture}'")
+        if self.model.init_from is None:  # check the preset before any data is prepared
+            from lmobjectives.models.presets import check_preset
+
+            check_preset(self.model.preset, self.resolved_architecture)
         return self
 
     @property

@@ -2,7 +2,7 @@
 continue it on Python code with 0% and 20% replay of the prose, and print how much each
 arm gained on code and forgot of prose (bits per byte on held-out documents).
 
-    python examples/continual/run.py                  # tiny preset, ~5 minutes on 2 cores
+    python examples/continual/run.py                  # tiny preset, about 4 CPU-minutes
     python examples/continual/run.py --preset small   # the 17 M preset: slower, clearer
 
 Data: the embedded default corpus, its two parts (``default:prose``, the pydoc topics, and

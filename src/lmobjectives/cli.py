@@ -14,7 +14,7 @@ from lmobjectives.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pre-train language models with every major objective, and measure them.")
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and extend tokenizers.")
 corpus_app = typer.Typer(no_args_is_help=True, help="Corpora: the embedded default corpus.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(corpus_app, name="corpus")
@@ -38,6 +38,10 @@ def train(
     tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory."),
     preset: Optional[str] = typer.Option(None, help="Model size: tiny, small, base, 1b."),
     init_from: Optional[str] = typer.Option(None, help="Start from these weights (HF dir or run dir)."),
+    mix: Optional[List[str]] = typer.Option(None, help="PATH=WEIGHT (repeatable): mix corpora/stores at these shares, e.g. --mix code/=0.8 --mix prose/=0.2."),
+    lr_scale: Optional[float] = typer.Option(None, help="With --init-from one of our runs: peak LR = this × its peak."),
+    rope_theta: Optional[float] = typer.Option(None, help="New RoPE base, e.g. 1e6 for a longer context (written into the exported config)."),
+    train_new_embeddings_first: Optional[int] = typer.Option(None, help="First K steps update only the rows of new tokens (extended tokenizer)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Per-device micro-batch, in rows."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
@@ -60,7 +64,15 @@ def train(
              "data.tokenizer": tokenizer, "model.preset": preset, "model.init_from": init_from,
              "train.steps": steps, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
              "data.seq_len": seq_len, "train.lr": lr, "train.seed": seed,
-             "train.checkpoint_every": checkpoint_every, "out": out}
+             "train.checkpoint_every": checkpoint_every, "out": out,
+             "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
+             "train.new_embeddings_first": train_new_embeddings_first}
+    if mix:
+        from lmobjectives.train.continual import parse_mix
+
+        if corpus or data:
+            raise UserError("give either --mix or --corpus/--data: --mix names every source with its weight")
+        flags["data.mix"] = parse_mix(mix)
     given = {k: v for k, v in flags.items() if v not in (None, [])}
     if resume:
         extra = set(given) - {"train.steps"}
@@ -141,6 +153,31 @@ def tokenizer_train(
     _print_json(info) if json_out else _say(f"tokenizer {out}: {info['vocab_size']} tokens")
 
 
+@tokenizer_app.command("extend")
+def tokenizer_extend(
+    corpus: List[str] = typer.Option(..., help="Domain corpus path (repeatable)."),
+    add: int = typer.Option(..., help="How many tokens to add."),
+    out: str = typer.Option(..., help="Directory for the extended HF tokenizer."),
+    tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory to extend (default: the shipped one)."),
+    min_frequency: int = typer.Option(2, help="Add no token that saves fewer tokens than this."),
+    encoding: str = typer.Option("skip", help="strict | replace | skip undecodable files."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Add the N strings that shorten a domain corpus most (continued BPE); old ids unchanged."""
+    from lmobjectives.tokenizer.extend import extend_tokenizer_dir
+
+    ext = extend_tokenizer_dir(tokenizer, corpus, add, out, min_frequency=min_frequency, encoding=encoding)
+    st = ext.stats
+    if json_out:
+        _print_json({"out": out, "added": len(ext.added), "vocab_size": ext.vocab_size, **st})
+        return
+    _say(f"tokenizer {out}: {len(ext.added)} tokens added ({ext.base_vocab_size} -> {ext.vocab_size}); "
+         f"e.g. {', '.join(repr(a.text) for a in ext.added[:8])}")
+    _say(f"corpus: {st['tokens_before']} -> {st['tokens_after']} tokens "
+         f"({100 * st['token_reduction']:.2f}% fewer); bytes per token "
+         f"{st['bytes_per_token_before']:.3f} -> {st['bytes_per_token_after']:.3f}")
+
+
 @corpus_app.command("default")
 def corpus_default(json_out: bool = typer.Option(False, "--json")) -> None:
     """Show what the embedded default corpus is, and its fingerprint."""
@@ -158,18 +195,29 @@ def corpus_default(json_out: bool = typer.Option(False, "--json")) -> None:
 @app.command("eval")
 def eval_(
     run_dir: str = typer.Argument(..., help="A run directory."),
-    data: Optional[str] = typer.Option(None, help="A store or corpus to evaluate on (default: the run's validation split)."),
-    batches: int = typer.Option(16, help="Validation batches."),
+    data: Optional[List[str]] = typer.Option(None, help="PATH, or NAME=PATH (repeatable): stores or corpora to evaluate on (default: the run's validation split)."),
+    baseline: Optional[str] = typer.Option(None, help="Run or HF model dir to compare with: per-dataset gain and retention (forgetting report)."),
+    batches: int = typer.Option(16, help="Validation batches (per dataset)."),
+    seq_len: Optional[int] = typer.Option(None, help="Row length for the forgetting report (default: the run's)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Loss, perplexity and bits-per-byte of a run on held-out data."""
+    """Loss, perplexity and bits-per-byte of a run on held-out data; with NAME=PATH datasets
+    or --baseline, the forgetting report (table, JSON, RUN/forgetting.png)."""
+    from lmobjectives.evaluate.forgetting import format_table, forgetting_report, is_named, parse_datasets
     from lmobjectives.evaluate.run import evaluate_dir
 
-    res = evaluate_dir(run_dir, data=data, n_batches=batches)
+    data = data or []
+    if baseline is not None or len(data) > 1 or any(is_named(d) for d in data):
+        report = forgetting_report(run_dir, parse_datasets(data), baseline, batches=batches, seq_len=seq_len)
+        _print_json(report) if json_out else print(format_table(report))
+        return
+    res = evaluate_dir(run_dir, data=data[0] if data else None, n_batches=batches)
     if json_out:
         _print_json(res)
     else:
         for k, v in res.items():
+            if isinstance(v, dict):
+                v = "  ".join(f"{kk}: {vv:.4f}" for kk, vv in v.items())
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
 
 

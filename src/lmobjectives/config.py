@@ -26,6 +26,7 @@ class ModelConfig(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)  # transformers config overrides
     compile: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the CPU/GPU has it
+    rope_theta: float | None = Field(None, gt=0)  # new RoPE base (context extension); None: keep
 
 
 class MixSource(_Strict):
@@ -63,10 +64,17 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(50, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=2)
+    lr_scale: float | None = Field(None, gt=0)  # init-from one of our runs: peak = scale × its peak
+    new_embeddings_first: int = Field(0, ge=0)  # first K steps update only new token rows
     max_bad_steps: int = Field(5, ge=1)  # non-finite loss/grad this many steps in a row stops the run
     spike_zscore: float = Field(6.0, gt=0)
     spike_window: int = Field(50, ge=5)
     spike_action: Literal["log", "skip"] = "log"
+
+
+# Continual runs re-warm over 1% of their steps (Ibrahim et al. 2024 §6.1: 0.5-2% warmup
+# all end at the same loss; 1% is their choice); fresh runs keep TrainConfig's default.
+REWARM_FRACTION = 0.01
 
 
 class RunConfig(_Strict):
@@ -77,6 +85,23 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rewarm_default(cls, data: Any) -> Any:
+        """An initialised run without an explicit warmup re-warms over REWARM_FRACTION."""
+        if not isinstance(data, dict):
+            return data
+        model, train = data.get("model"), data.get("train")
+        init = model.get("init_from") if isinstance(model, dict) else getattr(model, "init_from", None)
+        if not init:
+            return data
+        if train is None or isinstance(train, dict):
+            if "warmup_fraction" not in (train or {}):
+                data = {**data, "train": {**(train or {}), "warmup_fraction": REWARM_FRACTION}}
+        elif "warmup_fraction" not in train.model_fields_set:
+            data = {**data, "train": train.model_copy(update={"warmup_fraction": REWARM_FRACTION})}
+        return data
 
     @model_validator(mode="after")
     def _known_objective(self) -> "RunConfig":

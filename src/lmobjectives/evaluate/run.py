@@ -51,8 +51,9 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
                            "accuracy": out["accuracy"], "tokens": out["targets"]}
     if run.architecture in LEFT_TO_RIGHT:
         bpb = bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                            run.device, run.bf16)
-        res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"]})
+                            run.device, run.bf16, by_position=True)
+        res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"],
+                    "loss_by_position": bpb["loss_by_position"]})
     else:
         res.update({"bits_per_byte": None, "bytes": None})
     return res

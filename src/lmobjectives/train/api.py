@@ -39,7 +39,7 @@ def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
     out = objective_eval(run, rows)
     if run.architecture in LEFT_TO_RIGHT:
         out.update(bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                                 run.device, run.bf16))
+                                 run.device, run.bf16, by_position=True))
     return out
 
 

@@ -201,6 +201,9 @@ class Trainer:
         nll, correct = stats[: len(nll)], stats[len(nll):]
         per_term = (nll / totals.clamp(min=1)).tolist()
         loss = per_term[0]
+        only = run.update_filter if run.update_filter is not None and run.update_filter.active(self.step) else None
+        if only is not None:
+            only.before_clip()  # e.g. new embedding rows only: other gradients dropped
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             run.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
         record: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
@@ -209,6 +212,8 @@ class Trainer:
             record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
                            zip(run.module.terms, correct.tolist(), totals.tolist())})
         record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
+        if only is not None:
+            record["update"] = "new_rows_only"
         skip = None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             skip = "non-finite"
@@ -224,6 +229,8 @@ class Trainer:
                 self.guard.recent.append(loss)
         if skip is None:
             self.optimizer.step()
+            if only is not None:
+                only.after_step()
         else:
             record["skipped"] = skip
         self.optimizer.zero_grad(set_to_none=True)

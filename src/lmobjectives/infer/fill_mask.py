@@ -89,7 +89,7 @@ def render(result: dict[str, Any]) -> str:
     """Readable fill-mask result: one block per mask, candidates with their probabilities."""
     lines = []
     for i, m in enumerate(result["masks"]):
-        lines.append(f"mask {i + 1} (token {m['index']}):")
+        lines.append(f"mask {i + 1} (token index {m['index']}):")
         lines += [f"  {p['score']:.4f}  {p['token_str']!r}" for p in m["predictions"]]
     lines.append(f"filled: {result['filled']}")
     return "\n".join(lines)

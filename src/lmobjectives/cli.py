@@ -239,6 +239,20 @@ def generate(
     _print_json(res) if json_out else print(prompt + res["text"])
 
 
+@app.command("fill-mask")
+def fill_mask(
+    run_dir: str = typer.Argument(..., help="An MLM run directory (or an HF encoder directory)."),
+    text: str = typer.Option(..., help="Text with one or more <|mask|> tokens."),
+    top_k: int = typer.Option(5, help="Candidates per mask."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predict the tokens behind each <|mask|> of a text with an MLM encoder."""
+    from lmobjectives.infer.fill_mask import fill_mask_text, render
+
+    res = fill_mask_text(run_dir, text, top_k=top_k)
+    _print_json(res) if json_out else print(render(res))
+
+
 @app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="A checkpoint directory: RUN/checkpoints/step-NNNNNNN."),

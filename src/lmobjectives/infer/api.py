@@ -19,7 +19,8 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
         raise UserError("--top-p must be in (0, 1]")
     ids = [loaded.specials.eos] + loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
     g = generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,))
+                 top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
+                 bidirectional_prompt=loaded.architecture == "prefix_lm")
     text_ids = [t for t in g.tokens if t != loaded.specials.eos]
     return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False),
             "tokens": g.tokens, "forward_passes": g.forward_passes, "stopped_by": g.stopped_by}

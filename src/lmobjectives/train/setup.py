@@ -30,7 +30,7 @@ from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore
 from lmobjectives.tokenizer import (load_tokenizer, save_hf_tokenizer, tokenizer_fingerprint,
                                     train_tokenizer)
-from lmobjectives.tokenizer.special import SpecialIds
+from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
 from lmobjectives.models.resize import NewRowsOnly
 from lmobjectives.train.continual import (check_store_tokenizer, describe_source, extend_vocab,
                                           fit_context, resolve_init, rope_overrides)
@@ -123,7 +123,7 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     if cfg.model.init_from:
         src = init_dir(cfg.model.init_from)
         if (src / "tokenizer.json").is_file():
-            return load_tokenizer(str(src)), str(src)
+            return with_reserved_tokens(load_tokenizer(str(src)), str(src), run_dir)
     mixed_stores = [m.path for m in d.mix if (Path(m.path) / "manifest.json").is_file()]
     if mixed_stores:  # the first store's tokenizer; the others are checked against it
         return load_tokenizer(str(Path(mixed_stores[0]) / "tokenizer")), f"{mixed_stores[0]}/tokenizer"
@@ -137,6 +137,22 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     tok = train_tokenizer(texts, DEFAULT_VOCAB, None)
     save_hf_tokenizer(tok, own)
     return tok, str(own)
+
+
+def with_reserved_tokens(tok: Any, tok_from: str, run_dir: Path) -> tuple[Any, str]:
+    """A foreign model's tokenizer (GPT-2, Llama, Qwen, ...) lacks some of our reserved tokens:
+    append the missing ones as special tokens (old ids unchanged) and keep the result in the
+    run; ``load_init_model`` then grows the embeddings (HF's mean-resizing) to match."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if not missing:
+        return tok, tok_from
+    own = run_dir / "tokenizer"
+    if (own / "tokenizer.json").is_file():
+        return load_tokenizer(str(own)), str(own)
+    tok.add_special_tokens(missing)
+    save_hf_tokenizer(tok, own)
+    return tok, f"{tok_from} + {len(missing)} reserved tokens ({own})"
 
 
 def init_dir(path: str) -> Path:
@@ -205,6 +221,10 @@ def load_init_model(cfg: RunConfig, architecture: str, specials: SpecialIds, *,
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load a model from {src}: {str(exc).splitlines()[0]}") from None
     added = extend_vocab(model, src, tokenizer_dir, specials.vocab_size)
+    n_rows = model.get_input_embeddings().num_embeddings
+    if n_rows < specials.vocab_size and set(range(n_rows, specials.vocab_size)) <= set(specials.all_ids()):
+        # Only reserved tokens appended by with_reserved_tokens lie past the model's rows.
+        model.resize_token_embeddings(specials.vocab_size, mean_resizing=True)
     if report is not None:
         report.update(describe_source(src))
         report["new_token_ids"] = len(added)

@@ -205,6 +205,32 @@ def export(
 
 
 @app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="A run directory (or one checkpoint directory)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every checkpoint of a run against its SHA-256 checksums; exit 2 if any is damaged."""
+    from lmobjectives.checkpoint import verify_run
+
+    results = verify_run(Path(run_dir))
+    checked = [r for r in results if "checkpoint" in r]
+    bad = [r for r in checked if not r["ok"]]
+    if json_out:
+        _print_json({"run_dir": run_dir, "checkpoints": checked, "ok": not bad,
+                     "leftovers": [r["leftover"] for r in results if "leftover" in r]})
+    else:
+        for r in results:
+            if "leftover" in r:
+                print(f"leftover  {r['leftover']} (an interrupted write; removed on the next start)")
+            else:
+                print(f"{'ok' if r['ok'] else 'CORRUPT':8}  {r['checkpoint']}"
+                      + ("" if r["ok"] else f": {r['error']}"))
+    if bad:
+        raise UserError(f"{len(bad)} of {len(checked)} checkpoint(s) in {run_dir} failed verification "
+                        f"(first: {bad[0]['error']})")
+
+
+@app.command()
 def show(
     objective: str = typer.Argument(..., help="Objective name."),
     text: str = typer.Option(..., help="Text to transform."),

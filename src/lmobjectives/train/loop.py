@@ -28,6 +28,7 @@ import torch
 from lmobjectives.checkpoint import clean_leftovers, list_checkpoints, load_checkpoint, save_checkpoint
 from lmobjectives.errors import UserError
 from lmobjectives.train.module import to_torch
+from lmobjectives.train.preflight import check_batch, preflight
 from lmobjectives.train.schedule import lr_at
 from lmobjectives.train.setup import Run, config_hash
 
@@ -82,6 +83,7 @@ class Trainer:
     def __init__(self, run: Run, *, progress: bool = True, ddp_model: torch.nn.Module | None = None) -> None:
         self.run = run
         self.cfg = run.cfg
+        self.embedding_rows = preflight(run)  # vocab/data mismatches end here, before step 1
         self.optimizer = build_optimizer(run.model, self.cfg)
         self.loader = run.train_loader()
         self.step = 0
@@ -121,9 +123,19 @@ class Trainer:
         clean_leftovers(self.run.dir)
         ckpts = list_checkpoints(self.run.dir)
         if not ckpts:
+            self._truncate_metrics()  # killed before the first checkpoint: redo from step 0
             return None
         path = ckpts[-1]
         state, _sched, rng = load_checkpoint(path, self.run.model, self.optimizer)
+        try:
+            self._restore(state, rng, path, force)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"checkpoint {path} has a state.json or rng.pt this version cannot "
+                            f"restore ({type(exc).__name__}: {exc})") from None
+        self._truncate_metrics()
+        return path
+
+    def _restore(self, state: dict[str, Any], rng: dict[str, Any], path: Path, force: bool) -> None:
         if not force:
             if state["config_hash"] != config_hash(self.cfg):
                 raise UserError(f"the config of {self.run.dir} changed since {path.name} was written; "
@@ -140,8 +152,6 @@ class Trainer:
         self.guard.bad_in_row = state["guard"]["bad_in_row"]
         self.guard.recent.extend(state["guard"]["recent"])
         torch.set_rng_state(rng["torch"])
-        self._truncate_metrics()
-        return path
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
@@ -178,7 +188,9 @@ class Trainer:
         for _ in range(t.grad_accum):
             g = self.loader.counter * self.loader.world_size + self.loader.rank
             rows, src = next(self.loader)
-            micro.append((make_batch(run, rows, g), rows, src))
+            batch = make_batch(run, rows, g)
+            check_batch(batch, self.embedding_rows, self.step + 1)
+            micro.append((batch, rows, src))
         counts = sum(run.module.counts(b) for b, _, _ in micro)
         totals = self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=run.device))
         lr = self.lr(self.step)

@@ -146,11 +146,20 @@ class Trainer:
         if state.get("world_size", 1) != self.run.world_size:
             raise UserError(f"{path.name} was written by {state.get('world_size', 1)} process(es), "
                             f"this run has {self.run.world_size}; resume with the same world size")
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.tokens_by_source = dict(state["tokens_by_source"])
+        step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
+        counter, guard = state["loader"]["counter"], state["guard"]
+        bad, recent = guard["bad_in_row"], guard["recent"]
+        count = lambda v: type(v) is int and v >= 0  # noqa: E731 - bool is not a count
+        if not (all(count(v) for v in (step, tokens, counter, bad)) and isinstance(by_source, dict)
+                and all(count(v) for v in by_source.values()) and isinstance(recent, list)
+                and all(type(x) in (int, float) for x in recent)):
+            raise ValueError("step, tokens, loader or guard fields of the wrong type")
+        self.step, self.tokens = step, tokens
+        # sources unchanged by a forced resume keep their counts; new ones start at 0
+        self.tokens_by_source.update({k: v for k, v in by_source.items() if k in self.tokens_by_source})
         self.loader.load_state_dict(state["loader"])
-        self.guard.bad_in_row = state["guard"]["bad_in_row"]
-        self.guard.recent.extend(state["guard"]["recent"])
+        self.guard.bad_in_row = bad
+        self.guard.recent.extend(recent)
         torch.set_rng_state(rng["torch"])
 
     def _truncate_metrics(self) -> None:
@@ -158,12 +167,13 @@ class Trainer:
         if not self.metrics_path.is_file():
             return
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("step", 0) <= self.step:
+            except (ValueError, RecursionError):
+                continue  # a line cut by a crash (or damaged)
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(step, int) and step <= self.step:
                 keep.append(line)
         from lmobjectives.util import atomic_write_bytes
 

@@ -29,8 +29,8 @@ import runs_util as ru
 from lmobjectives.checkpoint import list_checkpoints, verify_checkpoint, verify_run
 
 STEPS, EVERY, ACCUM = 12, 3, 2  # 12 steps of 2 micro-batches of 2 rows of 32 tokens
-N_RANDOM_KILLS = 5
-N_SIGTERMS = 2
+N_RANDOM_KILLS = 8
+N_SIGTERMS = 3
 CHILD_TIMEOUT = 60
 
 
@@ -370,3 +370,18 @@ def test_disk_full_in_safetensors_write(store, tmp_path, monkeypatch):
     assert code == 2 and "step-0000006" in err and "Traceback" not in err
     assert [c.name for c in list_checkpoints(out)] == ["step-0000003"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_disk_full_outside_a_checkpoint_is_one_line(store, tmp_path, monkeypatch):
+    """ENOSPC while appending to metrics.jsonl: one error line naming the file, exit 2."""
+    from lmobjectives.train.loop import Trainer
+
+    def full(self, record):  # noqa: ANN001
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+
+    monkeypatch.setattr(Trainer, "log", full)
+    out = tmp_path / "run"
+    code, _, err = ru.run_cli(ru.tiny_args(store, out, 3, every=3))
+    assert code == 2 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        f"error: {out / 'metrics.jsonl'}: No space left on device"]

@@ -3,6 +3,7 @@ could make from Python; every user error ends with one message and exit code 2."
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -258,6 +259,9 @@ def show(
     _print_json(shown) if json_out else print(render(shown, tok))
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -267,6 +271,14 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # A full disk, a quota, a read-only or forbidden path: the user's to fix, so one line
+        # naming the path (checkpoints are written atomically: the previous ones are intact).
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except Exception as exc:  # click's own usage errors
         import click
 

@@ -45,20 +45,34 @@ SCAN_CHUNK = 1 << 24  # tokens per np.max call: bounded memory whatever the shar
 ID_KEYS = ("input_ids", "decoder_input_ids", "labels")
 
 
-def embedding_rows(model: torch.nn.Module) -> int:
-    """Rows of the smaller of the input and output embedding tables."""
-    rows = model.get_input_embeddings().num_embeddings
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+def _input_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The input embedding of an HF model, or of a wrapper around one (its first Embedding)."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        return get()
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+
+
+def embedding_rows(model: torch.nn.Module) -> int | None:
+    """Rows of the smaller of the input and output embedding tables (None: no table found)."""
+    emb = _input_embedding(model)
+    if emb is None:
+        return None
+    rows = emb.num_embeddings
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
     if out is not None and getattr(out, "out_features", None) is not None:
         rows = min(rows, out.out_features)
     return int(rows)
 
 
-def check_vocab(model: torch.nn.Module, tokenizer: Any, where: str = "the model") -> int:
+def check_vocab(model: torch.nn.Module, tokenizer: Any, where: str = "the model") -> int | None:
     """Refuse a model whose embedding tables miss some tokenizer ids; returns the row count."""
-    n_tok = tokenizer.get_vocab_size(with_added_tokens=True)
-    n_in = model.get_input_embeddings().num_embeddings
     rows = embedding_rows(model)
+    if rows is None:
+        return None
+    n_tok = tokenizer.get_vocab_size(with_added_tokens=True)
+    n_in = _input_embedding(model).num_embeddings
     if rows < n_tok:
         table = "input" if n_in < n_tok else "output"
         have = n_in if n_in < n_tok else rows
@@ -103,15 +117,16 @@ def _scan_max(table: Any, limit: int) -> tuple[int, int] | None:
 def check_store_ids(store: Any, rows: int, name: str, limit: int = SCAN_LIMIT) -> None:
     """Refuse a store whose ids can fall outside ``[0, rows)`` (ids are unsigned on disk)."""
     declared = int(store.manifest.get("vocab_size", 0))
+    label = f"store {store.path}" + ("" if Path(store.path).name == name else f" ({name})")
     if declared > rows:
-        raise UserError(f"store {store.path} ({name}) was made for a vocabulary of {declared} ids, "
+        raise UserError(f"{label} was made for a vocabulary of {declared} ids, "
                         f"but the model's embedding table has {rows} rows")
     for split in ("train", "val"):
         if not (Path(store.path) / split / "docs.npy").is_file():
             continue
         found = _scan_max(store.split(split), limit)
         if found is not None and found[0] >= rows:
-            raise UserError(f"store {store.path} ({name}) holds token id {found[0]} "
+            raise UserError(f"{label} holds token id {found[0]} "
                             f"({split}/tokens-{found[1]:05d}.bin), outside the model's embedding "
                             f"table of {rows} rows; the store is damaged or was made with another "
                             "tokenizer: re-run `lmobj prepare`")
@@ -133,8 +148,9 @@ def check_enough_data(run: Any) -> None:
             "--batch-size / --seq-len")
 
 
-def preflight(run: Any) -> int:
-    """All start-up checks for ``run`` (a ``train.setup.Run``); returns the embedding rows."""
+def preflight(run: Any) -> int | None:
+    """All start-up checks for ``run`` (a ``train.setup.Run``); returns the embedding rows
+    (None for a model without a recognisable embedding table: only the data checks run)."""
     rows = check_vocab(run.model, run.tokenizer)
     init_from = run.cfg.model.init_from
     if init_from:
@@ -145,13 +161,16 @@ def preflight(run: Any) -> int:
         if (src / "tokenizer.json").is_file():
             compare_tokenizers(run.tokenizer, load_tokenizer(str(src)), str(src))
     for s in run.sources:
-        check_store_ids(s.store, rows, s.name)
+        if rows is not None:
+            check_store_ids(s.store, rows, s.name)
     check_enough_data(run)
     return rows
 
 
-def check_batch(batch: dict[str, np.ndarray], rows: int, step: int) -> None:
+def check_batch(batch: dict[str, np.ndarray], rows: int | None, step: int) -> None:
     """Refuse a micro-batch holding an id outside ``[0, rows)`` before it reaches the model."""
+    if rows is None:
+        return
     for key in ID_KEYS:
         a = batch.get(key)
         if a is None or a.size == 0:

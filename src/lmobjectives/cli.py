@@ -3,6 +3,7 @@ could make from Python; every user error ends with one message and exit code 2."
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -267,6 +268,32 @@ def export(
 
 
 @app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="A run directory (or one checkpoint directory)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every checkpoint of a run against its SHA-256 checksums; exit 2 if any is damaged."""
+    from lmobjectives.checkpoint import verify_run
+
+    results = verify_run(Path(run_dir))
+    checked = [r for r in results if "checkpoint" in r]
+    bad = [r for r in checked if not r["ok"]]
+    if json_out:
+        _print_json({"run_dir": run_dir, "checkpoints": checked, "ok": not bad,
+                     "leftovers": [r["leftover"] for r in results if "leftover" in r]})
+    else:
+        for r in results:
+            if "leftover" in r:
+                print(f"leftover  {r['leftover']} (an interrupted write; removed on the next start)")
+            else:
+                print(f"{'ok' if r['ok'] else 'CORRUPT':8}  {r['checkpoint']}"
+                      + ("" if r["ok"] else f": {r['error']}"))
+    if bad:
+        raise UserError(f"{len(bad)} of {len(checked)} checkpoint(s) in {run_dir} failed verification "
+                        f"(first: {bad[0]['error']})")
+
+
+@app.command()
 def show(
     objective: str = typer.Argument(..., help="Objective name."),
     text: str = typer.Option(..., help="Text to transform."),
@@ -294,6 +321,9 @@ def show(
     _print_json(shown) if json_out else print(render(shown, tok))
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -303,6 +333,14 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # A full disk, a quota, a read-only or forbidden path: the user's to fix, so one line
+        # naming the path (checkpoints are written atomically: the previous ones are intact).
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except Exception as exc:  # click's own usage errors
         import click
 

@@ -197,9 +197,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not valid YAML: {first}") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     return tree

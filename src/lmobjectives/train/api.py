@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
+from lmobjectives.checkpoint import clean_leftovers
 from lmobjectives.config import RunConfig, build_config
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
@@ -77,6 +81,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
         _prepare_out(run_dir, overwrite)
     if cfg.out is None or Path(cfg.out) != run_dir:
         cfg = cfg.model_copy(update={"out": str(run_dir)})
+    for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
+        say(f"removed the leftover {p} of an interrupted write")
     seed_everything(cfg.train.seed)
     run = open_run(cfg, run_dir, progress=progress)
     trainer = Trainer(run, progress=progress)
@@ -94,12 +100,36 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     def on_eval() -> None:
         plot_loss(run_dir)
 
+    # From here to the end a SIGTERM only sets the stop flag (``fit`` saves at the next step
+    # boundary); after ``fit`` a late or repeated SIGTERM must not kill the process half-way
+    # through the final export, nor turn a clean stop into a non-zero exit.
+    with _sigterm_sets(trainer):
+        try:
+            last = trainer.fit(evaluate=lambda: evaluate_run(run), on_eval=on_eval)
+        except Stop:
+            stopped, last = True, {}
+        if trainer.stop_requested:
+            stopped = True
+            say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
+                f"Continue with: lmobj train --resume {run_dir}")
+        return _finish(run, trainer, run_dir, started, last, stopped)
+
+
+@contextmanager
+def _sigterm_sets(trainer: Trainer) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, trainer._handle_signal)
     try:
-        last = trainer.fit(evaluate=lambda: evaluate_run(run), on_eval=on_eval)
-    except Stop:
-        stopped, last = True, {}
-        say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
-            f"Continue with: lmobj train --resume {run_dir}")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
+            stopped: bool) -> TrainResult:
+    """Final evaluation and export (skipped when stopped: a resume redoes them)."""
     ev: dict[str, Any] = {}
     if not stopped:
         ev = evaluate_run(run)

@@ -28,6 +28,7 @@ import torch
 from lmobjectives.checkpoint import clean_leftovers, list_checkpoints, load_checkpoint, save_checkpoint
 from lmobjectives.errors import UserError
 from lmobjectives.train.module import to_torch
+from lmobjectives.train.preflight import check_batch, preflight
 from lmobjectives.train.schedule import lr_at
 from lmobjectives.train.setup import Run, config_hash
 
@@ -82,6 +83,7 @@ class Trainer:
     def __init__(self, run: Run, *, progress: bool = True, ddp_model: torch.nn.Module | None = None) -> None:
         self.run = run
         self.cfg = run.cfg
+        self.embedding_rows = preflight(run)  # vocab/data mismatches end here, before step 1
         self.optimizer = build_optimizer(run.model, self.cfg)
         self.loader = run.train_loader()
         self.step = 0
@@ -121,9 +123,19 @@ class Trainer:
         clean_leftovers(self.run.dir)
         ckpts = list_checkpoints(self.run.dir)
         if not ckpts:
+            self._truncate_metrics()  # killed before the first checkpoint: redo from step 0
             return None
         path = ckpts[-1]
         state, _sched, rng = load_checkpoint(path, self.run.model, self.optimizer)
+        try:
+            self._restore(state, rng, path, force)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"checkpoint {path} has a state.json or rng.pt this version cannot "
+                            f"restore ({type(exc).__name__}: {exc})") from None
+        self._truncate_metrics()
+        return path
+
+    def _restore(self, state: dict[str, Any], rng: dict[str, Any], path: Path, force: bool) -> None:
         if not force:
             if state["config_hash"] != config_hash(self.cfg):
                 raise UserError(f"the config of {self.run.dir} changed since {path.name} was written; "
@@ -134,26 +146,34 @@ class Trainer:
         if state.get("world_size", 1) != self.run.world_size:
             raise UserError(f"{path.name} was written by {state.get('world_size', 1)} process(es), "
                             f"this run has {self.run.world_size}; resume with the same world size")
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.tokens_by_source = dict(state["tokens_by_source"])
+        step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
+        counter, guard = state["loader"]["counter"], state["guard"]
+        bad, recent = guard["bad_in_row"], guard["recent"]
+        count = lambda v: type(v) is int and v >= 0  # noqa: E731 - bool is not a count
+        if not (all(count(v) for v in (step, tokens, counter, bad)) and isinstance(by_source, dict)
+                and all(count(v) for v in by_source.values()) and isinstance(recent, list)
+                and all(type(x) in (int, float) for x in recent)):
+            raise ValueError("step, tokens, loader or guard fields of the wrong type")
+        self.step, self.tokens = step, tokens
+        # sources unchanged by a forced resume keep their counts; new ones start at 0
+        self.tokens_by_source.update({k: v for k, v in by_source.items() if k in self.tokens_by_source})
         self.loader.load_state_dict(state["loader"])
-        self.guard.bad_in_row = state["guard"]["bad_in_row"]
-        self.guard.recent.extend(state["guard"]["recent"])
+        self.guard.bad_in_row = bad
+        self.guard.recent.extend(recent)
         torch.set_rng_state(rng["torch"])
-        self._truncate_metrics()
-        return path
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
         if not self.metrics_path.is_file():
             return
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("step", 0) <= self.step:
+            except (ValueError, RecursionError):
+                continue  # a line cut by a crash (or damaged)
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(step, int) and step <= self.step:
                 keep.append(line)
         from lmobjectives.util import atomic_write_bytes
 
@@ -178,7 +198,9 @@ class Trainer:
         for _ in range(t.grad_accum):
             g = self.loader.counter * self.loader.world_size + self.loader.rank
             rows, src = next(self.loader)
-            micro.append((make_batch(run, rows, g), rows, src))
+            batch = make_batch(run, rows, g)
+            check_batch(batch, self.embedding_rows, self.step + 1)
+            micro.append((batch, rows, src))
         counts = sum(run.module.counts(b) for b, _, _ in micro)
         totals = self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=run.device))
         lr = self.lr(self.step)

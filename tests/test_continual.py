@@ -280,3 +280,34 @@ def test_forgetting_report_keys_and_cli(base_run, corpora, tmp_path):
     assert res.exit_code == 0, res.output
     single = json.loads(res.stdout[res.stdout.index("{"):])
     assert "bits_per_byte" in single and "loss_by_position" in single
+
+
+def test_init_from_a_foreign_model_with_its_own_tokenizer(tmp_path, small_corpus):
+    """A GPT-2 with its own byte-level tokenizer (no reserved tokens): they are appended,
+    the embeddings grow to match, old ids keep their rows, and the result exports."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmobjectives.config import build_config
+    from lmobjectives.train.api import train
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    src = tmp_path / "gpt2"
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(src)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=tok.get_vocab_size(), n_embd=32, n_layer=2,
+                                             n_head=2, n_positions=64))
+    model.save_pretrained(src)
+    old_rows = model.get_input_embeddings().weight.detach().clone()
+    res = train(build_config({"model": {"init_from": str(src)}, "data": {"corpus": [small_corpus], "seq_len": 32},
+                              "train": {"steps": 0, "batch_size": 2}, "out": str(tmp_path / "run")}),
+                progress=False)
+    out = tf.AutoModelForCausalLM.from_pretrained(res.run_dir / "final")
+    new = tf.AutoTokenizer.from_pretrained(res.run_dir / "final")
+    assert "<|mask|>" in new.get_vocab() and new.convert_tokens_to_ids("<|endoftext|>") == tok.token_to_id("<|endoftext|>")
+    rows = out.get_input_embeddings().weight
+    assert rows.shape[0] == len(new) > old_rows.shape[0]
+    assert torch.equal(rows[: old_rows.shape[0]], old_rows)  # --steps 0: old rows untouched

@@ -84,7 +84,8 @@ def check_vocab(model: torch.nn.Module, tokenizer: Any, where: str = "the model"
 
 def compare_tokenizers(ours: Any, theirs: Any, theirs_name: str) -> None:
     """Refuse two tokenizers that map some id to different tokens; the message shows the
-    sizes, how many ids differ and the first difference."""
+    sizes, how many ids differ and the first difference. Ours may extend theirs with new
+    ids past their end (an extended tokenizer, or reserved tokens appended to a foreign one)."""
     a = ours.get_vocab(with_added_tokens=True)
     b = theirs.get_vocab(with_added_tokens=True)
     if a == b:
@@ -92,7 +93,9 @@ def compare_tokenizers(ours: Any, theirs: Any, theirs_name: str) -> None:
     inv_a = {i: t for t, i in a.items()}
     inv_b = {i: t for t, i in b.items()}
     ids = sorted(set(inv_a) | set(inv_b))
-    diff = [i for i in ids if inv_a.get(i) != inv_b.get(i)]
+    diff = [i for i in ids if i in inv_b and inv_a.get(i) != inv_b[i]]
+    if not diff:
+        return
     first = diff[0]
     raise UserError(
         f"tokenizer mismatch: {theirs_name} has {len(b)} tokens, the run's tokenizer has {len(a)}; "

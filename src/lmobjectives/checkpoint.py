@@ -99,6 +99,15 @@ def verify_checkpoint(path: Path) -> None:
             raise UserError(f"checkpoint file {f} is corrupt (SHA-256 mismatch)")
 
 
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint, read before its weights (for early checks)."""
+    path = Path(path)
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{path / 'state.json'} is missing or corrupt") from None
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """Verify, then load weights (and optimizer) in place; returns (state, scheduler, rng)."""

@@ -26,6 +26,7 @@ class ModelConfig(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)  # transformers config overrides
     compile: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the CPU/GPU has it
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 class MixSource(_Strict):
@@ -69,6 +70,13 @@ class TrainConfig(_Strict):
     spike_action: Literal["log", "skip"] = "log"
 
 
+class DistributedConfig(_Strict):
+    """How several processes (``torchrun``) share the work; ignored by one process, except
+    that ``fsdp`` runs always write sharded (DCP) checkpoints."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
 class RunConfig(_Strict):
     objective: str = "clm"
     objective_params: dict[str, Any] = Field(default_factory=dict)
@@ -76,6 +84,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
 
     @model_validator(mode="after")

@@ -38,6 +38,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import os
 import sys
 import time
@@ -379,9 +380,13 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     """Run this command as ``nproc`` processes on this machine (``torchrun --standalone``);
     returns the exit code. The workers print their own messages; a worker that died without
     one (a signal) is named here."""
-    os.environ.setdefault("LOGLEVEL", "ERROR")  # torchrun's agent: no per-launch chatter
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    # The agent's own log lines repeat what the workers say (and warn about OMP threads).
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name == "torch.distributed.run":
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", *_entry_point()])
     # Set apart from parsing: torchrun's parser would take our options for its own.

@@ -23,10 +23,12 @@ DCP's metadata classes and torch's size, dtype and layout, so a crafted file run
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,14 @@ def _my_files(root: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns when it runs without a process group; for a one-process run that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
@@ -121,8 +131,9 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
         tmp.mkdir()
     barrier()
     try:
-        dcp.save(_state_dict(model, optimizer),
-                 storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+        with _quiet_single_process():
+            dcp.save(_state_dict(model, optimizer),
+                     storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
         if rank == 0:
             torch.save(scheduler_state, tmp / "scheduler.pt")
             torch.save(rng, tmp / "rng.pt")
@@ -176,6 +187,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Collective: verify, then load weights (and optimizer) in place, resharding as needed;
     returns (state, scheduler, rng) like ``checkpoint.load_checkpoint``."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
@@ -184,15 +196,18 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     verify_sharded(path)
     try:
         sd = _state_dict(model, optimizer)
-        dcp.load(sd, storage_reader=_reader(path))
+        with _quiet_single_process():
+            dcp.load(sd, storage_reader=_reader(path))
         if optimizer is None:
             set_model_state_dict(model, sd["model"])
         else:
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         scheduler = torch.load(path / "scheduler.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
-    except Exception as exc:  # an unpickling refusal, a shape mismatch: say which checkpoint
-        raise UserError(f"cannot load checkpoint {path}: {type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    except (Exception, CheckpointException) as exc:  # a refused pickle, a shape mismatch
+        lines = str(exc).strip().splitlines() or [""]
+        # DCP wraps each rank's error with its traceback (in a BaseException): the cause is last.
+        reason = lines[-1] if isinstance(exc, CheckpointException) else f"{type(exc).__name__}: {lines[0]}"
+        raise UserError(f"cannot load checkpoint {path}: {reason}") from None
     state = json.loads((path / "state.json").read_text())
     return state, scheduler, rng

@@ -28,7 +28,8 @@ from lmobjectives.config import build_config
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import OBJECTIVES
 from lmobjectives.train.api import load_run_config, train
-from lmobjectives.train.distributed import World, parallelize, reshard_loader_state, should_launch
+from lmobjectives.train.distributed import World, parallelize, reshard_loader_state
+from lmobjectives.train.launch import should_launch
 from lmobjectives.train.loop import Trainer
 from lmobjectives.train.setup import open_run
 
@@ -207,6 +208,27 @@ def test_resharding_serves_no_micro_batch_twice_and_skips_fewer_than_a_round(cou
     state, _ = reshard_loader_state({"counter": counter, "world_size": old, "rank": 0}, old, new)
     served, next_first = counter * old, state["counter"] * new
     assert served <= next_first < served + new
+
+
+def test_activation_checkpointing_recomputes_to_the_same_gradients():
+    from lmobjectives.models.presets import build_model
+    from lmobjectives.tokenizer.special import SpecialIds
+    from lmobjectives.train.distributed import enable_activation_checkpointing
+
+    specials = SpecialIds.default(vocab_size=512)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model("tiny", "decoder", specials, max_positions=32, seed=0)
+        model.config.use_cache = False
+        if checkpointing:
+            enable_activation_checkpointing(model)
+            assert model.is_gradient_checkpointing
+        model.train()
+        model(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_nproc_inside_torchrun_must_match(monkeypatch):

@@ -61,7 +61,7 @@ def train(
     Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
     from lmobjectives.config import apply_set, build_config, load_config_file
     from lmobjectives.train.api import load_run_config, train as run_train
-    from lmobjectives.train.distributed import launch_local, should_launch
+    from lmobjectives.train.launch import launch_local, should_launch
 
     launching = should_launch(nproc)  # then every worker runs this same command line
     lead = not launching and int(os.environ.get("RANK", "0")) == 0  # who reports

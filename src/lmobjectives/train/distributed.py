@@ -1,4 +1,4 @@
-"""Several processes, one model: process group, DDP / FSDP2 wrapping, failures, launcher.
+"""Several processes, one model: process group, DDP / FSDP2 wrapping, failures.
 
 ``torchrun`` starts one process per device and gives each its ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; :func:`init_world` joins them in a process group (``nccl`` on CUDA, ``gloo``
@@ -38,11 +38,10 @@ import contextlib
 import copy
 import inspect
 import json
-import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -57,6 +56,7 @@ if TYPE_CHECKING:
     from lmobjectives.train.setup import Run
 
 FAILURE_KEY = "lmobj/failure"
+COLLECTIVE_TIMEOUT_MINUTES = 30
 
 
 # ------------------------------------------------------------------------------ the group
@@ -92,11 +92,14 @@ def init_world() -> World:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     owns = False
     if not dist.is_initialized():
+        # Ranks wait at the next collective while rank 0 writes a full (DDP) checkpoint or the
+        # final export: allow that much longer than NCCL's 10-minute default.
+        timeout = timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES)
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
         owns = True
     try:
         from torch.distributed.distributed_c10d import _get_default_store
@@ -348,54 +351,3 @@ def failures_end_every_rank(world: World) -> Iterator[None]:
         if isinstance(exc, UserError):
             raise type(exc)(msg) from None
         raise
-
-
-# ------------------------------------------------------------------------------ launcher
-def should_launch(nproc: int | None) -> bool:
-    """Whether ``--nproc`` asks this process to start torchrun (not when it is one of its workers)."""
-    if nproc is None:
-        return False
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    if "LOCAL_RANK" in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
-        if local != nproc:
-            raise UserError(f"--nproc {nproc} given inside a torchrun job of {local} processes per "
-                            "machine; leave --nproc out when you start torchrun yourself")
-        return False
-    return nproc > 1
-
-
-def _entry_point() -> list[str]:
-    """How this command was started, for torchrun to start it again in each worker."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:  # python -m lmobjectives.cli
-        return ["-m", spec.name.removesuffix(".__main__")]
-    if sys.argv and sys.argv[0] and Path(sys.argv[0]).is_file():  # the lmobj script, or a file
-        return [sys.argv[0]]
-    return ["-m", "lmobjectives.cli"]
-
-
-def launch_local(nproc: int, argv: list[str]) -> int:
-    """Run this command as ``nproc`` processes on this machine (``torchrun --standalone``);
-    returns the exit code. The workers print their own messages; a worker that died without
-    one (a signal) is named here."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    # The agent's own log lines repeat what the workers say (and warn about OMP threads).
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic") or name == "torch.distributed.run":
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", *_entry_point()])
-    # Set apart from parsing: torchrun's parser would take our options for its own.
-    args.training_script_args = list(argv)
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        if failure.error_file_data.get("message") in (None, "<NONE>"):  # torchrun's "no file"
-            print(f"error: rank {rank} ended: {failure.message}", file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
-    return 0

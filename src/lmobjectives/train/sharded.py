@@ -186,6 +186,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """Collective: verify, then load weights (and optimizer) in place, resharding as needed;
     returns (state, scheduler, rng) like ``checkpoint.load_checkpoint``."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
@@ -204,6 +205,8 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         scheduler = torch.load(path / "scheduler.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
+    except dist.DistError:
+        raise  # another rank is gone: the failure handling names it
     except (Exception, CheckpointException) as exc:  # a refused pickle, a shape mismatch
         lines = str(exc).strip().splitlines() or [""]
         # DCP wraps each rank's error with its traceback (in a BaseException): the cause is last.

@@ -148,6 +148,14 @@ def test_the_gathered_fsdp_export_matches_ddp(runs):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_a_sharded_checkpoint_exports_as_the_final_model(runs, tmp_path):
+    from lmobjectives.train.api import export_checkpoint
+
+    export_checkpoint(runs["fsdp-clm"] / "checkpoints" / f"step-{STEPS:07d}", tmp_path / "hf")
+    a, b = load_file(runs["fsdp-clm"] / "final" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def resume_here(run_dir: Path, copy: Path, allow_reshard: bool = False) -> Trainer:
     """Resume a 2-process run in this single process (a world of one)."""
     sys.path.insert(0, str(HERE))

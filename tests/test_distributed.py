@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -71,6 +70,11 @@ def config(store: Path, objective: str = "clm", strategy: str = "ddp", **train_k
             "distributed": {"strategy": strategy}}
 
 
+def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if not r.get("eval")}
@@ -87,8 +91,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         out[f"ddp-{objective}"] = root / f"ddp-{objective}"
         jobs.append({"out": str(out[f"ddp-{objective}"]), "config": config(store, objective)})
     for strategy in ("ddp", "fsdp"):
-        jobs.append({"out": str(out[f"{strategy}-clm-resumed"]), "resume_from": str(out[f"{strategy}-clm"]),
-                     "config": config(store, strategy=strategy)})
+        jobs.append({"out": str(out[f"{strategy}-clm-resumed"]), "config": config(store, strategy=strategy),
+                     "resume_from": str(out[f"{strategy}-clm"])})
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs}))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -97,8 +101,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     try:
         for objective in ["clm", *VARIABLE_TARGETS]:  # the references, meanwhile
             out[f"one-{objective}"] = root / f"one-{objective}"
-            train(build_config({**config(store, objective, grad_accum=2), "out": str(out[f"one-{objective}"])}),
-                  progress=False, say=lambda m: None)
+            tree = {**config(store, objective, grad_accum=2), "out": str(out[f"one-{objective}"])}
+            train(build_config(tree), progress=False, say=lambda m: None)
         log, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -137,12 +141,11 @@ def test_two_processes_make_the_updates_of_one_with_twice_the_accumulation(runs,
 def test_resume_on_the_same_world_size_is_bit_exact(runs, strategy):
     whole, resumed = runs[f"{strategy}-clm"], runs[f"{strategy}-clm-resumed"]
     assert losses(resumed) == losses(whole)  # steps 1-2 kept, 3-4 redone: equal floats
-    a, b = load_file(whole / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(whole / "final", resumed / "final")
 
 
 def test_the_gathered_fsdp_export_matches_ddp(runs):
-    a, b = load_file(runs["ddp-clm"] / "final" / "model.safetensors"), load_file(runs["fsdp-clm"] / "final" / "model.safetensors")
+    a, b = (load_file(runs[name] / "final" / "model.safetensors") for name in ("ddp-clm", "fsdp-clm"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -152,8 +155,7 @@ def test_a_sharded_checkpoint_exports_as_the_final_model(runs, tmp_path):
     from lmobjectives.train.api import export_checkpoint
 
     export_checkpoint(runs["fsdp-clm"] / "checkpoints" / f"step-{STEPS:07d}", tmp_path / "hf")
-    a, b = load_file(runs["fsdp-clm"] / "final" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(runs["fsdp-clm"] / "final", tmp_path / "hf")
 
 
 def resume_here(run_dir: Path, copy: Path, allow_reshard: bool = False) -> Trainer:
@@ -183,7 +185,8 @@ def test_fsdp_reshards_to_one_process_when_allowed(runs, tmp_path):
     for k in ddp:
         torch.testing.assert_close(state[k], ddp[k], rtol=1e-4, atol=1e-5)
     trainer.fit()  # the optimizer state came through too: it trains on
-    assert trainer.step == STEPS and (tmp_path / "copy" / "checkpoints" / "step-0000004" / ".metadata").is_file()
+    assert trainer.step == STEPS
+    assert (tmp_path / "copy" / "checkpoints" / f"step-{STEPS:07d}" / ".metadata").is_file()
 
 
 def test_crafted_checkpoint_metadata_runs_no_code(runs, tmp_path):

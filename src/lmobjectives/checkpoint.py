@@ -202,6 +202,13 @@ def _load_tensors(f: Path) -> Any:
         raise UserError(f"cannot read checkpoint file {f}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a complete checkpoint, read before its weights (for early checks)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise UserError(f"{path / 'state.json'} is missing")
+    return _read_state(path)
+
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -55,11 +56,21 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any config key: --set train.lr=1e-3."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     force: bool = typer.Option(False, help="Resume even if the config or data changed."),
+    nproc: Optional[int] = typer.Option(None, help="Processes on this machine (starts torchrun; one per GPU)."),
+    strategy: Optional[str] = typer.Option(None, help="Several processes: ddp (default) or fsdp."),
+    allow_reshard: bool = typer.Option(False, help="Resume on a different number of processes."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train a model (no arguments: the default job on the embedded default corpus)."""
+    """Train a model (no arguments: the default job on the embedded default corpus).
+
+    Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
     from lmobjectives.config import apply_set, build_config, load_config_file
     from lmobjectives.train.api import load_run_config, train as run_train
+    from lmobjectives.train.launch import launch_local, should_launch
+
+    launching = should_launch(nproc)  # then every worker runs this same command line
+    lead = not launching and int(os.environ.get("RANK", "0")) == 0  # who reports
+    say = _say if lead else (lambda m: None)
 
     flags = {"objective": objective, "data.corpus": corpus, "data.store": data,
              "data.tokenizer": tokenizer, "model.preset": preset, "model.init_from": init_from,
@@ -67,7 +78,8 @@ def train(
              "data.seq_len": seq_len, "train.lr": lr, "train.seed": seed,
              "train.checkpoint_every": checkpoint_every, "out": out,
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
-             "train.new_embeddings_first": train_new_embeddings_first}
+             "train.new_embeddings_first": train_new_embeddings_first,
+             "distributed.strategy": strategy}
     if mix:
         from lmobjectives.train.continual import parse_mix
 
@@ -81,7 +93,7 @@ def train(
             raise UserError("--resume continues a run with its own config; only --steps may change "
                             f"(got {', '.join(sorted(extra)) or 'a config'})")
         cfg = load_run_config(Path(resume), given)
-        _say(f"resuming {resume} (weights, optimizer, data position and RNG restored)")
+        say(f"resuming {resume} (weights, optimizer, data position and RNG restored)")
     else:
         tree = load_config_file(config) if config else {}
         for key, value in given.items():
@@ -94,8 +106,13 @@ def train(
             apply_set(tree, assignment)
         cfg = build_config(tree)
         if init_from:
-            _say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
-    result = run_train(cfg, resume=resume, overwrite=overwrite, force=force, progress=not json_out)
+            say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
+    if launching:
+        raise typer.Exit(launch_local(nproc, sys.argv[1:]))
+    result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
+                       allow_reshard=allow_reshard, progress=not json_out)
+    if not lead:
+        return
     summary = {"run_dir": str(result.run_dir), "started": result.started, "stopped": result.stopped,
                "step": result.final.get("step"), "loss": result.final.get("loss"), "eval": result.eval}
     if json_out:
@@ -262,8 +279,8 @@ def export(
     """Export a checkpoint as an HF model + tokenizer directory."""
     from lmobjectives.train.api import export_checkpoint
 
-    if not (Path(checkpoint) / "model.safetensors").is_file():
-        raise UserError(f"{checkpoint} is not a checkpoint directory (no model.safetensors)")
+    if not any((Path(checkpoint) / f).is_file() for f in ("model.safetensors", ".metadata")):
+        raise UserError(f"{checkpoint} is not a checkpoint directory (no model.safetensors or .metadata)")
     _say(f"exported {export_checkpoint(checkpoint, out)}")
 
 
@@ -326,7 +343,9 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit comes back as its code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -27,6 +27,7 @@ class ModelConfig(_Strict):
     compile: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the CPU/GPU has it
     rope_theta: float | None = Field(None, gt=0)  # new RoPE base (context extension); None: keep
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 class MixSource(_Strict):
@@ -76,6 +77,12 @@ class TrainConfig(_Strict):
 # all end at the same loss; 1% is their choice); fresh runs keep TrainConfig's default.
 REWARM_FRACTION = 0.01
 
+class DistributedConfig(_Strict):
+    """How several processes (``torchrun``) share the work; ignored by one process, except
+    that ``fsdp`` runs always write sharded (DCP) checkpoints."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
 
 class RunConfig(_Strict):
     objective: str = "clm"
@@ -84,6 +91,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
 
     @model_validator(mode="before")

@@ -70,6 +70,11 @@ class Run:
         return CONVERTERS[self.architecture]
 
     @property
+    def sharded(self) -> bool:
+        """FSDP runs keep sharded (DCP) checkpoints, whatever their number of processes."""
+        return self.cfg.distributed.strategy == "fsdp"
+
+    @property
     def row_length(self) -> int:
         return self.objective.row_length(self.cfg.data.seq_len)
 

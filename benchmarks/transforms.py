@@ -4,9 +4,10 @@ Run from the repository root::
 
     PYTHONPATH=src python benchmarks/transforms.py [--calls 40] [--json]
 
-Every transform gets the same kind of batch: 64 packed rows of random word ids from a
-vocabulary of 8192, a document (ended by EOS) every ~300 tokens, each row as long as the
-objective asks for 512-token features (``row_length(512)``: 568 for span corruption).
+Every transform but FIM (see below) gets the same kind of batch: 64 packed rows of random
+word ids from a vocabulary of 8192, a document (ended by EOS) every ~300 tokens, each row as
+long as the objective asks for 512-token features (``row_length(512)``: 568 for span
+corruption).
 Tokens/s counts the row tokens a transform consumes. Ours and the reference are called in
 turn, so both see the same load on a shared machine; the table gives the best call and the
 median call. The ratio uses the best calls: on a busy machine the median mostly measures
@@ -21,9 +22,15 @@ References:
   example at a time, numpy noise mask by shuffling segment marks, sentinel fill, EOS - the
   shape of T5's ``random_spans_noise_mask`` / ``noise_span_to_unique_sentinel`` and of HF's
   Flax T5 collator loop, with UL2 built from the same pieces as the UL2 paper's code.
+* ``fim`` (fim_rate 0.5, spm_rate 0.5): the StarCoder training code's algorithm, one row at a
+  time - split on EOS, a FIM coin per document, decode, cut at two sorted uniform character
+  positions, re-encode the three parts, PSM or SPM, cut/pad to the row. FIM cuts characters,
+  so its rows are real text, not random ids: the running interpreter's standard library
+  ``.py`` files (the last ones, sorted by path) encoded with the shipped tokenizer, EOS
+  between files; both sides get the same rows.
 
-Adding a transform: write ``reference_NAME(rows, rng)`` and add it to ``REFERENCES``; the
-table picks up every registered objective that has a reference.
+Adding a transform: write a reference factory and add a ``Bench`` to ``BENCHES``; the table
+picks up every registered objective that has one.
 """
 
 from __future__ import annotations
@@ -35,17 +42,22 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
+import sysconfig  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lmobjectives.objectives import OBJECTIVES, build_objective  # noqa: E402
-from lmobjectives.objectives.base import Rows  # noqa: E402
+from lmobjectives.objectives.base import Objective, Rows  # noqa: E402
 from lmobjectives.objectives.span import corrupted_lengths  # noqa: E402
 from lmobjectives.objectives.ul2 import DENOISERS  # noqa: E402
+from lmobjectives.tokenizer import load_tokenizer  # noqa: E402
 from lmobjectives.tokenizer.special import EOS, MASK, PAD, SPECIAL_TOKENS, SpecialIds  # noqa: E402
 
 BATCH, SEQ_LEN, VOCAB, DOC_LEN = 64, 512, 8192, 300
@@ -176,14 +188,99 @@ def reference_ul2() -> Transform:
     return run
 
 
-# ===== Transforms under test: objective name -> (reference label, reference factory). =====
-# A new transform adds one line here (FIM: "fim": (label, reference_fim)) with its reference
-# function above; the objective itself comes from the registry.
-REFERENCES: dict[str, tuple[str, Callable[[], Transform]]] = {
-    "mlm": ("HF DataCollatorForLanguageModeling", reference_mlm),
-    "span": ("T5-style per-example loop", reference_span),
-    "prefix": ("T5-style per-example loop", reference_prefix),
-    "ul2": ("T5-style per-example loop", reference_ul2),
+# --------------------------------------------------------------------------- (c) FIM, real text
+
+FIM_RATE = SPM_RATE = 0.5  # the FIM paper's common default; 50/50 PSM/SPM
+
+
+@functools.cache
+def code_tokenizer():  # -> tokenizers.Tokenizer
+    return load_tokenizer(None)
+
+
+def code_specials() -> SpecialIds:
+    tok = code_tokenizer()
+    return SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())
+
+
+def code_rows(length: int) -> Rows:
+    """BATCH rows of ``length`` tokens of standard-library source, EOS after each file."""
+    tok, sp = code_tokenizer(), code_specials()
+    need = BATCH * length
+    stream: list[int] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"), reverse=True):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        stream += tok.encode(text, add_special_tokens=False).ids + [sp.eos]
+        if len(stream) >= need:
+            break
+    tokens = np.array(stream[:need], dtype=np.int32).reshape(BATCH, length)
+    return Rows.from_tokens(tokens, sp.eos)
+
+
+def fim_objective() -> Objective:
+    return build_objective("fim", {"fim_rate": FIM_RATE, "spm_rate": SPM_RATE}, code_specials(),
+                           tokenizer=code_tokenizer())
+
+
+def reference_fim_row(row: np.ndarray, tok, sp: SpecialIds,  # noqa: ANN001
+                      rng: np.random.Generator) -> np.ndarray:
+    """One row the reference way: split on EOS, per segment a FIM coin; a FIM segment is
+    decoded, cut at two sorted uniform character positions, and each part re-encoded."""
+    out: list[int] = []
+    ends = np.flatnonzero(row == sp.eos)
+    start = 0
+    for end in [*ends.tolist(), len(row)]:
+        seg = row[start:end]
+        if len(seg) and rng.random() < FIM_RATE:
+            text = tok.decode(seg.tolist())
+            lo, hi = sorted(rng.integers(0, len(text) + 1, size=2))
+            prefix, middle, suffix = (tok.encode(part, add_special_tokens=False).ids
+                                      for part in (text[:lo], text[lo:hi], text[hi:]))
+            if rng.random() < SPM_RATE:
+                out += [sp.fim_prefix, sp.fim_suffix, *suffix, sp.fim_middle, *prefix, *middle]
+            else:
+                out += [sp.fim_prefix, *prefix, sp.fim_suffix, *suffix, sp.fim_middle, *middle]
+        else:
+            out += seg.tolist()
+        if end < len(row):
+            out.append(sp.eos)
+        start = end + 1
+    out = out[: len(row)] + [sp.fim_pad] * max(0, len(row) - len(out))
+    return np.array(out, dtype=np.int32)
+
+
+def reference_fim() -> Transform:
+    tok, sp = code_tokenizer(), code_specials()
+
+    def run(rows: Rows, rng: np.random.Generator) -> np.ndarray:
+        return np.stack([reference_fim_row(r, tok, sp, rng) for r in rows.tokens])
+    return run
+
+
+# ===== Transforms under test =====
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One table row: the reference to beat, and how to build ours and its input rows."""
+
+    label: str
+    reference: Callable[[], Transform]
+    objective: Callable[[str], Objective] = lambda name: build_objective(name, {}, SP)
+    rows: Callable[[int], Rows] = make_rows
+
+
+# Objective name -> its benchmark; the objective itself comes from the registry.
+BENCHES: dict[str, Bench] = {
+    "mlm": Bench("HF DataCollatorForLanguageModeling", reference_mlm),
+    "span": Bench("T5-style per-example loop", reference_span),
+    "prefix": Bench("T5-style per-example loop", reference_prefix),
+    "ul2": Bench("T5-style per-example loop", reference_ul2),
+    "fim": Bench("StarCoder-style decode/cut/re-encode", reference_fim,
+                 objective=lambda name: fim_objective(), rows=code_rows),
 }
 
 
@@ -212,13 +309,14 @@ def time_pair(ours: Transform, reference: Transform, rows: Rows, calls: int) -> 
     return times
 
 
-def entries() -> list[tuple[str, Transform, Transform, str, int]]:
-    """(name, ours, reference, reference label, row length) for every objective with a reference."""
+def entries() -> list[tuple[str, Transform, Transform, str, Rows]]:
+    """(name, ours, reference, reference label, rows) for every objective with a benchmark."""
     out = []
-    for name, (label, make_reference) in REFERENCES.items():
+    for name, bench in BENCHES.items():
         if name in OBJECTIVES:
-            obj = build_objective(name, {}, SP)
-            out.append((name, obj, make_reference(), label, obj.row_length(SEQ_LEN)))
+            obj = bench.objective(name)
+            rows = bench.rows(obj.row_length(SEQ_LEN))
+            out.append((name, obj, bench.reference(), bench.label, rows))
     return out
 
 
@@ -230,8 +328,7 @@ def main() -> None:
     torch.set_num_threads(1)
     check_reference_agrees()
     results = []
-    for name, ours, reference, label, row_length in entries():
-        rows = make_rows(row_length)
+    for name, ours, reference, label, rows in entries():
         times = time_pair(ours, reference, rows, args.calls)
         tokens = rows.tokens.size
         row = {"transform": name, "reference": label, "tokens_per_batch": tokens}

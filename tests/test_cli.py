@@ -31,7 +31,8 @@ def assert_user_error(p: subprocess.CompletedProcess, *words: str) -> None:
 def test_help_lists_commands():
     p = run("--help")
     assert p.returncode == 0
-    for cmd in ("train", "prepare", "tokenizer", "corpus", "eval", "generate", "export", "show"):
+    for cmd in ("train", "prepare", "tokenizer", "corpus", "eval", "generate", "export", "show",
+                "fill-mask", "infill"):
         assert cmd in p.stdout
     p = run("train", "--help")
     assert p.returncode == 0 and "--objective" in p.stdout and "--resume" in p.stdout
@@ -70,6 +71,7 @@ def test_corpus_default_shows_fingerprint():
     (("show", "nope", "--text", "x"), ("unknown objective",)),
     (("prepare", "--corpus", "/nonexistent", "--out", "/tmp/x-store"), ("/nonexistent",)),
     (("generate", "/nonexistent-run"), ("/nonexistent-run",)),
+    (("fill-mask", "/nonexistent-run", "--text", "a <|mask|>"), ("/nonexistent-run",)),
     (("eval", "/tmp"), ("/tmp",)),
 ])
 def test_user_errors_are_one_line(args, words, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,8 +15,8 @@ from lmobjectives.config import build_config
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.infill import infill_exact_match, line_tasks
 from lmobjectives.infer.api import infill, read_line, showcase
-from lmobjectives.infer.infill import (MiddleStop, fim_prompt, fit_context, infill_fim,
-                                       parse_spans, prefill_bidirectional, sentinel_count)
+from lmobjectives.infer.infill import (MiddleStop, fim_prompt, fit_context, parse_spans,
+                                       sentinel_count)
 from lmobjectives.tokenizer import load_tokenizer
 from lmobjectives.tokenizer.special import SpecialIds
 from lmobjectives.train.api import train
@@ -198,31 +197,21 @@ def test_sentinel_parsing():
         sentinel_count("a <extra_id_1> b")
 
 
-def test_prefix_lm_cached_decoding_equals_full_forward_with_the_prefix_mask():
-    from lmobjectives.data.converters import to_prefix_lm
-    from lmobjectives.infer.infill import decode_until, prefix_lm_rungs
+def test_encoder_decoder_cached_decoding_equals_full_recompute():
+    from lmobjectives.infer.infill import decode_until, encoder_decoder_rungs
     from lmobjectives.models.presets import build_model
-    from lmobjectives.objectives import Features
 
     sp = SpecialIds.default(512)
-    model = build_model("tiny", "prefix_lm", sp, 64, seed=3).eval()
+    model = build_model("tiny", "encoder_decoder", sp, 64, seed=3).eval()
     prompt = [300, 301, sp.sentinels[0], 302, sp.eos]
-    got = decode_until(*prefix_lm_rungs(model, prompt), lambda _: None, max_new_tokens=6).tokens
-    targets: list[int] = []
+    got = decode_until(*encoder_decoder_rungs(model, prompt, sp.pad), lambda _: None,
+                       max_new_tokens=6).tokens
+    dec = [sp.pad]
     with torch.no_grad():
-        for _ in range(6):  # the reference: a full forward per token with to_prefix_lm's mask
-            f = Features(inputs=np.array([prompt]), input_lengths=np.array([len(prompt)]),
-                         targets=np.array([targets + [sp.pad]]),
-                         target_mask=np.ones((1, len(targets) + 1), bool))
-            b = to_prefix_lm(f, sp)
-            logits = model(input_ids=torch.from_numpy(b["input_ids"]),
-                           attention_mask=torch.from_numpy(b["attention_mask"]),
-                           position_ids=torch.from_numpy(b["position_ids"])).logits
-            targets.append(int(logits[0, len(prompt) + len(targets) - 1].argmax()))
-        causal = model(input_ids=torch.tensor([prompt])).logits[0, -1]
-    assert got == targets
-    # The bidirectional prefill is not the causal one (else this test could not fail).
-    assert not torch.allclose(prefill_bidirectional(model, prompt)[0], causal)
+        for _ in range(6):  # the reference: the whole decoder input again for every token
+            logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=torch.tensor([dec])).logits
+            dec.append(int(logits[0, -1].argmax()))
+    assert got == dec[1:]
 
 
 def test_sentinel_infill_on_tiny_span_runs(small_store, tmp_path, sp):

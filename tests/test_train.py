@@ -140,3 +140,18 @@ def test_kv_cache_generation_equals_full_recompute():
         for _ in range(10):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     assert got == ids[len(prompt):]
+
+
+def test_export_command_writes_any_checkpoint(small_store, tmp_path):
+    import transformers as tf
+
+    from lmobjectives.train.api import export_checkpoint
+
+    res = train(build_config(tiny_tree(small_store, str(tmp_path / "r"), steps=6)), progress=False)
+    out = export_checkpoint(res.run_dir / "checkpoints" / "step-0000003", tmp_path / "x")
+    early = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    final = tf.AutoModelForCausalLM.from_pretrained(res.run_dir / "final").eval()
+    ids = torch.tensor([[5, 900, 33, 401]])
+    with torch.no_grad():
+        assert not torch.equal(early(ids).logits, final(ids).logits)  # step 3, not step 6
+    assert (out / "tokenizer.json").is_file()

@@ -3,7 +3,9 @@ could make from Python; every user error ends with one message and exit code 2."
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -14,7 +16,7 @@ from lmobjectives.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pre-train language models with every major objective, and measure them.")
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and extend tokenizers.")
 corpus_app = typer.Typer(no_args_is_help=True, help="Corpora: the embedded default corpus.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(corpus_app, name="corpus")
@@ -38,6 +40,10 @@ def train(
     tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory."),
     preset: Optional[str] = typer.Option(None, help="Model size: tiny, small, base, 1b."),
     init_from: Optional[str] = typer.Option(None, help="Start from these weights (HF dir or run dir)."),
+    mix: Optional[List[str]] = typer.Option(None, help="PATH=WEIGHT (repeatable): mix corpora/stores at these shares, e.g. --mix code/=0.8 --mix prose/=0.2."),
+    lr_scale: Optional[float] = typer.Option(None, help="With --init-from one of our runs: peak LR = this × its peak."),
+    rope_theta: Optional[float] = typer.Option(None, help="New RoPE base, e.g. 1e6 for a longer context (written into the exported config)."),
+    train_new_embeddings_first: Optional[int] = typer.Option(None, help="First K steps update only the rows of new tokens (extended tokenizer)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Per-device micro-batch, in rows."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
@@ -50,17 +56,36 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any config key: --set train.lr=1e-3."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     force: bool = typer.Option(False, help="Resume even if the config or data changed."),
+    nproc: Optional[int] = typer.Option(None, help="Processes on this machine (starts torchrun; one per GPU)."),
+    strategy: Optional[str] = typer.Option(None, help="Several processes: ddp (default) or fsdp."),
+    allow_reshard: bool = typer.Option(False, help="Resume on a different number of processes."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train a model (no arguments: the default job on the embedded default corpus)."""
+    """Train a model (no arguments: the default job on the embedded default corpus).
+
+    Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
     from lmobjectives.config import apply_set, build_config, load_config_file
     from lmobjectives.train.api import load_run_config, train as run_train
+    from lmobjectives.train.launch import launch_local, should_launch
+
+    launching = should_launch(nproc)  # then every worker runs this same command line
+    lead = not launching and int(os.environ.get("RANK", "0")) == 0  # who reports
+    say = _say if lead else (lambda m: None)
 
     flags = {"objective": objective, "data.corpus": corpus, "data.store": data,
              "data.tokenizer": tokenizer, "model.preset": preset, "model.init_from": init_from,
              "train.steps": steps, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
              "data.seq_len": seq_len, "train.lr": lr, "train.seed": seed,
-             "train.checkpoint_every": checkpoint_every, "out": out}
+             "train.checkpoint_every": checkpoint_every, "out": out,
+             "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
+             "train.new_embeddings_first": train_new_embeddings_first,
+             "distributed.strategy": strategy}
+    if mix:
+        from lmobjectives.train.continual import parse_mix
+
+        if corpus or data:
+            raise UserError("give either --mix or --corpus/--data: --mix names every source with its weight")
+        flags["data.mix"] = parse_mix(mix)
     given = {k: v for k, v in flags.items() if v not in (None, [])}
     if resume:
         extra = set(given) - {"train.steps"}
@@ -68,7 +93,7 @@ def train(
             raise UserError("--resume continues a run with its own config; only --steps may change "
                             f"(got {', '.join(sorted(extra)) or 'a config'})")
         cfg = load_run_config(Path(resume), given)
-        _say(f"resuming {resume} (weights, optimizer, data position and RNG restored)")
+        say(f"resuming {resume} (weights, optimizer, data position and RNG restored)")
     else:
         tree = load_config_file(config) if config else {}
         for key, value in given.items():
@@ -81,8 +106,13 @@ def train(
             apply_set(tree, assignment)
         cfg = build_config(tree)
         if init_from:
-            _say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
-    result = run_train(cfg, resume=resume, overwrite=overwrite, force=force, progress=not json_out)
+            say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
+    if launching:
+        raise typer.Exit(launch_local(nproc, sys.argv[1:]))
+    result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
+                       allow_reshard=allow_reshard, progress=not json_out)
+    if not lead:
+        return
     summary = {"run_dir": str(result.run_dir), "started": result.started, "stopped": result.stopped,
                "step": result.final.get("step"), "loss": result.final.get("loss"), "eval": result.eval}
     if json_out:
@@ -161,6 +191,31 @@ def tokenizer_train(
     _print_json(info) if json_out else _say(f"tokenizer {out}: {info['vocab_size']} tokens")
 
 
+@tokenizer_app.command("extend")
+def tokenizer_extend(
+    corpus: List[str] = typer.Option(..., help="Domain corpus path (repeatable)."),
+    add: int = typer.Option(..., help="How many tokens to add."),
+    out: str = typer.Option(..., help="Directory for the extended HF tokenizer."),
+    tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory to extend (default: the shipped one)."),
+    min_frequency: int = typer.Option(2, help="Add no token that saves fewer tokens than this."),
+    encoding: str = typer.Option("skip", help="strict | replace | skip undecodable files."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Add the N strings that shorten a domain corpus most (continued BPE); old ids unchanged."""
+    from lmobjectives.tokenizer.extend import extend_tokenizer_dir
+
+    ext = extend_tokenizer_dir(tokenizer, corpus, add, out, min_frequency=min_frequency, encoding=encoding)
+    st = ext.stats
+    if json_out:
+        _print_json({"out": out, "added": len(ext.added), "vocab_size": ext.vocab_size, **st})
+        return
+    _say(f"tokenizer {out}: {len(ext.added)} tokens added ({ext.base_vocab_size} -> {ext.vocab_size}); "
+         f"e.g. {', '.join(repr(a.text) for a in ext.added[:8])}")
+    _say(f"corpus: {st['tokens_before']} -> {st['tokens_after']} tokens "
+         f"({100 * st['token_reduction']:.2f}% fewer); bytes per token "
+         f"{st['bytes_per_token_before']:.3f} -> {st['bytes_per_token_after']:.3f}")
+
+
 @corpus_app.command("default")
 def corpus_default(json_out: bool = typer.Option(False, "--json")) -> None:
     """Show what the embedded default corpus is, and its fingerprint."""
@@ -178,19 +233,32 @@ def corpus_default(json_out: bool = typer.Option(False, "--json")) -> None:
 @app.command("eval")
 def eval_(
     run_dir: str = typer.Argument(..., help="A run directory."),
-    data: Optional[str] = typer.Option(None, help="A store or corpus to evaluate on (default: the run's validation split)."),
-    batches: int = typer.Option(16, help="Validation batches."),
+    data: Optional[List[str]] = typer.Option(None, help="PATH, or NAME=PATH (repeatable): stores or corpora to evaluate on (default: the run's validation split)."),
+    baseline: Optional[str] = typer.Option(None, help="Run or HF model dir to compare with: per-dataset gain and retention (forgetting report)."),
+    batches: int = typer.Option(16, help="Validation batches (per dataset)."),
+    seq_len: Optional[int] = typer.Option(None, help="Row length for the forgetting report (default: the run's)."),
     infill_samples: int = typer.Option(20, help="Held-out lines for infill exact match (FIM/CLM decoders; 0 = skip)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Loss, perplexity and bits-per-byte of a run on held-out data (+ infill exact match)."""
+    """Loss, perplexity and bits-per-byte of a run on held-out data (+ single-line infill
+    exact match for FIM/CLM decoders); with NAME=PATH datasets
+    or --baseline, the forgetting report (table, JSON, RUN/forgetting.png)."""
+    from lmobjectives.evaluate.forgetting import format_table, forgetting_report, is_named, parse_datasets
     from lmobjectives.evaluate.run import evaluate_dir
 
-    res = evaluate_dir(run_dir, data=data, n_batches=batches, infill_samples=infill_samples)
+    data = data or []
+    if baseline is not None or len(data) > 1 or any(is_named(d) for d in data):
+        report = forgetting_report(run_dir, parse_datasets(data), baseline, batches=batches, seq_len=seq_len)
+        _print_json(report) if json_out else print(format_table(report))
+        return
+    res = evaluate_dir(run_dir, data=data[0] if data else None, n_batches=batches,
+                       infill_samples=infill_samples)
     if json_out:
         _print_json(res)
     else:
         for k, v in res.items():
+            if isinstance(v, dict):
+                v = "  ".join(f"{kk}: {vv:.4f}" for kk, vv in v.items())
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
 
 
@@ -210,6 +278,20 @@ def generate(
     res = generate_text(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed)
     _print_json(res) if json_out else print(prompt + res["text"])
+
+
+@app.command("fill-mask")
+def fill_mask(
+    run_dir: str = typer.Argument(..., help="An MLM run directory (or an HF encoder directory)."),
+    text: str = typer.Option(..., help="Text with one or more <|mask|> tokens."),
+    top_k: int = typer.Option(5, help="Candidates per mask."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predict the tokens behind each <|mask|> of a text with an MLM encoder."""
+    from lmobjectives.infer.fill_mask import fill_mask_text, render
+
+    res = fill_mask_text(run_dir, text, top_k=top_k)
+    _print_json(res) if json_out else print(render(res))
 
 
 @app.command()
@@ -252,9 +334,35 @@ def export(
     """Export a checkpoint as an HF model + tokenizer directory."""
     from lmobjectives.train.api import export_checkpoint
 
-    if not (Path(checkpoint) / "model.safetensors").is_file():
-        raise UserError(f"{checkpoint} is not a checkpoint directory (no model.safetensors)")
+    if not any((Path(checkpoint) / f).is_file() for f in ("model.safetensors", ".metadata")):
+        raise UserError(f"{checkpoint} is not a checkpoint directory (no model.safetensors or .metadata)")
     _say(f"exported {export_checkpoint(checkpoint, out)}")
+
+
+@app.command()
+def verify(
+    run_dir: str = typer.Argument(..., help="A run directory (or one checkpoint directory)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Check every checkpoint of a run against its SHA-256 checksums; exit 2 if any is damaged."""
+    from lmobjectives.checkpoint import verify_run
+
+    results = verify_run(Path(run_dir))
+    checked = [r for r in results if "checkpoint" in r]
+    bad = [r for r in checked if not r["ok"]]
+    if json_out:
+        _print_json({"run_dir": run_dir, "checkpoints": checked, "ok": not bad,
+                     "leftovers": [r["leftover"] for r in results if "leftover" in r]})
+    else:
+        for r in results:
+            if "leftover" in r:
+                print(f"leftover  {r['leftover']} (an interrupted write; removed on the next start)")
+            else:
+                print(f"{'ok' if r['ok'] else 'CORRUPT':8}  {r['checkpoint']}"
+                      + ("" if r["ok"] else f": {r['error']}"))
+    if bad:
+        raise UserError(f"{len(bad)} of {len(checked)} checkpoint(s) in {run_dir} failed verification "
+                        f"(first: {bad[0]['error']})")
 
 
 @app.command()
@@ -285,15 +393,28 @@ def show(
     _print_json(shown) if json_out else print(render(shown, tok))
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit comes back as its code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # A full disk, a quota, a read-only or forbidden path: the user's to fix, so one line
+        # naming the path (checkpoints are written atomically: the previous ones are intact).
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except Exception as exc:  # click's own usage errors
         import click
 

@@ -26,6 +26,8 @@ class ModelConfig(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)  # transformers config overrides
     compile: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the CPU/GPU has it
+    rope_theta: float | None = Field(None, gt=0)  # new RoPE base (context extension); None: keep
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 class MixSource(_Strict):
@@ -63,10 +65,23 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(50, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=2)
+    lr_scale: float | None = Field(None, gt=0)  # init-from one of our runs: peak = scale × its peak
+    new_embeddings_first: int = Field(0, ge=0)  # first K steps update only new token rows
     max_bad_steps: int = Field(5, ge=1)  # non-finite loss/grad this many steps in a row stops the run
     spike_zscore: float = Field(6.0, gt=0)
     spike_window: int = Field(50, ge=5)
     spike_action: Literal["log", "skip"] = "log"
+
+
+# Continual runs re-warm over 1% of their steps (Ibrahim et al. 2024 §6.1: 0.5-2% warmup
+# all end at the same loss; 1% is their choice); fresh runs keep TrainConfig's default.
+REWARM_FRACTION = 0.01
+
+class DistributedConfig(_Strict):
+    """How several processes (``torchrun``) share the work; ignored by one process, except
+    that ``fsdp`` runs always write sharded (DCP) checkpoints."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class RunConfig(_Strict):
@@ -77,6 +92,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
 
     @model_validator(mode="before")
@@ -93,6 +109,23 @@ class RunConfig(_Strict):
                 data = {**data, "architecture": "prefix_lm"}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rewarm_default(cls, data: Any) -> Any:
+        """An initialised run without an explicit warmup re-warms over REWARM_FRACTION."""
+        if not isinstance(data, dict):
+            return data
+        model, train = data.get("model"), data.get("train")
+        init = model.get("init_from") if isinstance(model, dict) else getattr(model, "init_from", None)
+        if not init:
+            return data
+        if train is None or isinstance(train, dict):
+            if "warmup_fraction" not in (train or {}):
+                data = {**data, "train": {**(train or {}), "warmup_fraction": REWARM_FRACTION}}
+        elif "warmup_fraction" not in train.model_fields_set:
+            data = {**data, "train": train.model_copy(update={"warmup_fraction": REWARM_FRACTION})}
+        return data
+
     @model_validator(mode="after")
     def _known_objective(self) -> "RunConfig":
         from lmobjectives.objectives import objective_class
@@ -101,6 +134,10 @@ class RunConfig(_Strict):
         if self.architecture is not None and self.architecture not in cls.architectures:
             raise ValueError(f"objective '{self.objective}' trains {', '.join(cls.architectures)}, "
                              f"not '{self.architecture}'")
+        if self.model.init_from is None:  # check the preset before any data is prepared
+            from lmobjectives.models.presets import check_preset
+
+            check_preset(self.model.preset, self.resolved_architecture)
         return self
 
     @property
@@ -183,9 +220,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not valid YAML: {first}") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     return tree

@@ -14,20 +14,25 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def scored(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the scored positions only: (N, V) and (N,).
-
-    With ``shift`` (decoders, HF convention) position t's logits score ``labels[t + 1]``.
-    """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    keep = labels != IGNORE  # (B, T')
-    return logits[keep], labels[keep]
+def aligned_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Labels aligned with the logits: with ``shift`` (decoders, HF convention) position t's
+    logits score ``labels[t + 1]``; the last position scores nothing. Shifting the labels
+    rather than slicing the logits keeps the (B, T, V) logits contiguous: no copy."""
+    if not shift:
+        return labels
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of negative log-likelihoods, number of correct top-1 predictions)."""
-    flat_logits, flat_labels = scored(logits, labels, shift)  # (N, V), (N,)
-    nll = F.cross_entropy(flat_logits.float(), flat_labels, reduction="sum")
-    correct = (flat_logits.argmax(-1) == flat_labels).sum()
+    """(sum of negative log-likelihoods, number of correct top-1 predictions) over scored tokens."""
+    V = logits.shape[-1]
+    target = aligned_labels(labels, shift).reshape(-1)  # (B*T,)
+    flat = logits.reshape(-1, V)  # (B*T, V), a view
+    keep = target != IGNORE
+    if int(keep.sum()) * 2 < target.numel():
+        # Sparse targets (MLM, padded seq2seq): score only the selected rows.
+        flat, target = flat[keep], target[keep]  # (N, V), (N,)
+        keep = torch.ones_like(target, dtype=torch.bool)
+    nll = F.cross_entropy(flat.float(), target, ignore_index=IGNORE, reduction="sum")
+    correct = ((flat.argmax(-1) == target) & keep).sum()
     return nll, correct

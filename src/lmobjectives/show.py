@@ -9,7 +9,7 @@ import numpy as np
 from lmobjectives.data.converters import CONVERTERS, IGNORE
 from lmobjectives.objectives import build_objective, objective_class
 from lmobjectives.objectives.base import Rows
-from lmobjectives.tokenizer.special import SpecialIds
+from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
 
 
 def text_row(tokenizer, text: str, length: int, specials: SpecialIds) -> Rows:  # noqa: ANN001
@@ -22,9 +22,15 @@ def text_row(tokenizer, text: str, length: int, specials: SpecialIds) -> Rows:  
     return Rows.from_tokens(row[None], specials.eos)
 
 
+def special_ids(tokenizer) -> SpecialIds:  # noqa: ANN001
+    """The reserved ids, looked up one by one (copying the whole vocabulary costs ~20 ms)."""
+    found = {t: i for t in SPECIAL_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+    return SpecialIds.from_vocab(found, tokenizer.get_vocab_size())
+
+
 def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 128,  # noqa: ANN001
          params: dict[str, Any] | None = None, architecture: str | None = None) -> dict[str, Any]:
-    specials = SpecialIds.from_vocab(tokenizer.get_vocab(with_added_tokens=True), tokenizer.get_vocab_size())
+    specials = special_ids(tokenizer)
     obj = build_objective(objective, params or {}, specials, tokenizer=tokenizer)
     arch = architecture or objective_class(objective).architectures[0]
     rows = text_row(tokenizer, text, obj.row_length(seq_len), specials)
@@ -33,6 +39,8 @@ def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 
     out: dict[str, Any] = {"objective": objective, "architecture": arch, "seed": seed}
     for key, value in batch.items():
         out[key] = np.asarray(value)[0].astype(int).tolist()
+    # Per-row facts the objective reports (UL2: which denoiser), for checks over many seeds.
+    out["extras"] = {k: np.asarray(v)[0].tolist() for k, v in features.extras.items()}
     out["special_tokens"] = specials.as_dict()
     return out
 
@@ -57,4 +65,6 @@ def render(shown: dict[str, Any], tokenizer) -> str:  # noqa: ANN001
     labels = shown["labels"]
     scored = [i for i in labels if i != IGNORE]
     lines += [f"--- labels ({len(scored)} scored of {len(labels)})", text(scored)]
+    if shown.get("extras"):
+        lines.append("--- extras: " + ", ".join(f"{k} {v}" for k, v in shown["extras"].items()))
     return "\n".join(lines)

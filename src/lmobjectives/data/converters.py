@@ -12,6 +12,13 @@ Prefix-LM worked example (PAD = 1): inputs [[7, 8, 1]], input_lengths [2], targe
     labels         = [[-100, -100, 9, 4]]
     attention_mask = 4-D boolean (B, 1, L, L): row i sees j when j < 2 (the prefix, both ways)
                      or j <= i (causal); padding is never seen.
+
+The 4-D mask uses torch SDPA's convention, True = may attend. transformers (5.x) passes a 4-D
+mask through its mask preprocessing unchanged, and its ``sdpa`` attention hands it to
+``scaled_dot_product_attention`` as is (tests/test_seq2seq.py proves the resulting
+visibility on the Llama preset). The ``eager`` implementation instead *adds* the mask to the
+scores, where a boolean mask would mask nothing; models are therefore always built and
+loaded with ``sdpa``.
 """
 
 from __future__ import annotations

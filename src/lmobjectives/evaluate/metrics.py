@@ -74,8 +74,12 @@ def objective_eval(run, rows_list: list[Rows], module: TrainModule | None = None
 
 @torch.no_grad()
 def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_lengths: np.ndarray,  # noqa: ANN001
-                  device: torch.device, bf16: bool = False) -> dict[str, Any]:
-    """Left-to-right scoring of plain text rows (CLM features) by a decoder."""
+                  device: torch.device, bf16: bool = False, by_position: bool = False) -> dict[str, Any]:
+    """Left-to-right scoring of plain text rows (CLM features) by a decoder; with
+    ``by_position`` also the loss per position bucket (``evaluate.positions``)."""
+    from lmobjectives.evaluate.positions import PositionLoss
+
+    per_pos = PositionLoss(rows_list[0].tokens.shape[1]) if by_position and rows_list else None
     module = StandardModule(model, "decoder", bf16=bf16)
     clm = CLM(specials=specials)
     nats = 0.0
@@ -97,7 +101,13 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
             nats -= float(picked[valid].sum())
             n_bytes += int(nbytes[:, 1:][keep[:, 1:]].sum())
             n_tokens += int(valid.sum())
+            if per_pos is not None:
+                pos = batch["position_ids"][:, 1:]  # (B, T-1) positions of the targets
+                per_pos.add(pos[valid.cpu().numpy()], -picked[valid].double().cpu().numpy())
     finally:
         model.train(was_training)
-    return {"bits_per_byte": nats / max(n_bytes, 1) / math.log(2), "bpb_tokens": n_tokens,
-            "bytes": n_bytes, "lm_loss": nats / max(n_tokens, 1)}
+    out = {"bits_per_byte": nats / max(n_bytes, 1) / math.log(2), "bpb_tokens": n_tokens,
+           "bytes": n_bytes, "lm_loss": nats / max(n_tokens, 1)}
+    if per_pos is not None:
+        out["loss_by_position"] = per_pos.result()
+    return out

@@ -56,16 +56,30 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
             raise UserError(f"run {run_dir} has no validation split; pass --data")
     rows = val_batches(source, cfg.train.batch_size, n_batches)
     out = objective_eval(run, rows)
+    # An MLM's targets are the masked tokens only: say so in the name of its accuracy.
+    accuracy_key = "masked_accuracy" if cfg.objective == "mlm" else "accuracy"
     res: dict[str, Any] = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50)),
-                           "accuracy": out["accuracy"], "tokens": out["targets"]}
+                           accuracy_key: out["accuracy"], "tokens": out["targets"]}
     if run.architecture in LEFT_TO_RIGHT:
         bpb = bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                            run.device, run.bf16)
-        res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"]})
+                            run.device, run.bf16, by_position=True)
+        res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"],
+                    "loss_by_position": bpb["loss_by_position"]})
     else:
-        res.update({"bits_per_byte": None, "bytes": None})
+        res.update({"bits_per_byte": None, "bytes": None,
+                    "bits_per_byte_reason": NO_BPB_REASON[run.architecture]})
     if run.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
         docs = document_texts(table, run.tokenizer, run.specials.eos)
         em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)
         res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})
     return res
+
+
+# Why bits-per-byte is not reported: it needs p(text) scored token by token, left to right.
+NO_BPB_REASON = {
+    "encoder": "an MLM encoder sees both sides of every token, so it cannot score text left "
+               "to right; compare encoders by loss and masked_accuracy",
+    "encoder_decoder": "an encoder-decoder predicts its targets from a separately encoded input "
+                       "(span corruption, UL2), not plain text left to right; compare it by loss "
+                       "and accuracy",
+}

@@ -19,7 +19,8 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
         raise UserError("--top-p must be in (0, 1]")
     ids = [loaded.specials.eos] + loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
     g = generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,))
+                 top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
+                 bidirectional_prompt=loaded.architecture == "prefix_lm")
     text_ids = [t for t in g.tokens if t != loaded.specials.eos]
     return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False),
             "tokens": g.tokens, "forward_passes": g.forward_passes, "stopped_by": g.stopped_by}
@@ -151,19 +152,19 @@ SHOWCASE_SPAN_TEXT = "def add(a, b):\n    return<extra_id_0>\n"
 
 
 def showcase(path: str, *, max_new_tokens: int = 32) -> dict[str, Any]:
-    """What a finished run can do, on fixed prompts: a short greedy generation (decoders),
-    a FIM infill (FIM runs) or a sentinel infill (span/UL2 runs)."""
+    """What a finished run can do, on fixed prompts: a short greedy generation (decoders and
+    prefix LMs), a FIM infill (FIM runs) or a sentinel infill (span/UL2 runs)."""
     loaded = load_model(path)
     objective = run_objective(loaded)
     fixed = {"file": None, "line": None, "mode": "psm", "max_new_tokens": max_new_tokens,
              "temperature": 0.0, "top_p": 1.0, "seed": 0}
     out: dict[str, Any] = {}
-    if loaded.architecture == "decoder":
+    if loaded.architecture in ("decoder", "prefix_lm"):
         out["generation"] = {"prompt": SHOWCASE_PROMPT, **generate_text(
             path, SHOWCASE_PROMPT, max_new_tokens=max_new_tokens)}
-        if objective in (None, "fim"):
-            out["infill"] = {"prefix": SHOWCASE_PREFIX, "suffix": SHOWCASE_SUFFIX, **_infill(
-                loaded, prefix=SHOWCASE_PREFIX, suffix=SHOWCASE_SUFFIX, text=None, **fixed)}
+    if loaded.architecture == "decoder" and objective in (None, "fim"):
+        out["infill"] = {"prefix": SHOWCASE_PREFIX, "suffix": SHOWCASE_SUFFIX, **_infill(
+            loaded, prefix=SHOWCASE_PREFIX, suffix=SHOWCASE_SUFFIX, text=None, **fixed)}
     elif loaded.architecture in SENTINEL_ARCHITECTURES and objective in SENTINEL_OBJECTIVES:
         out["infill"] = {"input": SHOWCASE_SPAN_TEXT, **_infill(
             loaded, prefix=None, suffix=None, text=SHOWCASE_SPAN_TEXT, **fixed)}

@@ -4,6 +4,11 @@ The KV cache is transformers' own ``DynamicCache``; ``sample`` turns one positio
 into a token (greedy at temperature 0, else temperature + nucleus sampling with an explicit
 ``torch.Generator``). ``forward_passes`` counts model calls, the unit speculative decoding
 later saves.
+
+A prefix LM reads its prompt as the prefix: ``prefill(..., bidirectional=True)`` passes a
+4-D all-True mask so every prompt token sees the whole prompt, as in training
+(``converters.to_prefix_lm``); each later token is decoded causally against the cache, which
+is exactly the suffix's view in training.
 """
 
 from __future__ import annotations
@@ -35,11 +40,15 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor):  # noqa: ANN001 -> (logits (V,), cache)
+def prefill(model, input_ids: torch.Tensor, bidirectional: bool = False):  # noqa: ANN001 -> (logits (V,), cache)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids[None], cache=cache, use_cache=True)
+    extra = {}
+    if bidirectional:  # prefix LM: the prompt attends to itself both ways
+        n = input_ids.shape[0]
+        extra["attention_mask"] = torch.ones((1, 1, n, n), dtype=torch.bool, device=input_ids.device)
+    out = model(input_ids=input_ids[None], cache=cache, use_cache=True, **extra)
     return out.logits[0, -1], cache
 
 
@@ -52,13 +61,14 @@ def decode_one(model, token: int, cache):  # noqa: ANN001
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,  # noqa: ANN001
-             top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = ()) -> Generation:
+             top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = (),
+             bidirectional_prompt: bool = False) -> Generation:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     try:
-        logits, cache = prefill(model, torch.tensor(prompt_ids, device=device))
+        logits, cache = prefill(model, torch.tensor(prompt_ids, device=device), bidirectional_prompt)
         passes, out = 1, []
         while len(out) < max_new_tokens:
             tok = sample(logits.cpu(), temperature, top_p, gen)

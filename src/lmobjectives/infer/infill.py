@@ -43,11 +43,11 @@ Example: text ``"a<extra_id_0>c"``, answer ``<extra_id_0> "b" <extra_id_1>`` -> 
   is decoded causally with the KV cache. This is exact, not an approximation: in the prefix-LM
   mask a prompt token never sees a target token, so the prompt's keys and values from the
   prefill are the ones a full forward with the prefix-LM mask would compute at every step
-  (tests check the logits agree). It costs one forward per token instead of a growing full
-  forward per token.
+  (``test_seq2seq`` checks the tokens agree). It costs one forward per token instead of a
+  growing full forward per token.
 
 The decode loop reuses the ladder's rungs (``generate.prefill``, ``decode_one``, ``sample``);
-this module adds the prefix-LM and encoder-decoder prefill/step rungs and the stop rules.
+this module adds the encoder-decoder rungs and the stop rules.
 """
 
 from __future__ import annotations
@@ -136,21 +136,10 @@ def causal_rungs(model: torch.nn.Module, prompt_ids: list[int]) -> tuple[tuple, 
     return start, lambda tok, cache: decode_one(model, tok, cache)
 
 
-@torch.no_grad()
-def prefill_bidirectional(model: torch.nn.Module, prompt_ids: list[int]):  # noqa: ANN201
-    """Prefix-LM prefill: every prompt token attends to every other (4-D all-true mask)."""
-    from transformers import DynamicCache
-
-    ids = torch.tensor([prompt_ids], device=_device(model))  # (1, P)
-    P = ids.shape[1]
-    mask = torch.ones(1, 1, P, P, dtype=torch.bool, device=ids.device)  # (1, 1, P, P)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
-    return out.logits[0, -1], cache
-
-
 def prefix_lm_rungs(model: torch.nn.Module, prompt_ids: list[int]) -> tuple[tuple, Step]:
-    return prefill_bidirectional(model, prompt_ids), lambda tok, cache: decode_one(model, tok, cache)
+    """The prompt as a bidirectional prefix (``prefill(bidirectional=True)``), then causal."""
+    start = prefill(model, torch.tensor(prompt_ids, device=_device(model)), bidirectional=True)
+    return start, lambda tok, cache: decode_one(model, tok, cache)
 
 
 def encoder_decoder_rungs(model: torch.nn.Module, prompt_ids: list[int],

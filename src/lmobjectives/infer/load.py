@@ -38,7 +38,9 @@ def model_dir(path: str | Path) -> tuple[Path, Path | None]:
 
 def load_model(path: str | Path) -> Loaded:
     import transformers as tf
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no per-load progress bar in command output
     mdir, run_dir = model_dir(path)
     architecture = None
     if run_dir is not None and (run_dir / "run.json").is_file():
@@ -53,7 +55,10 @@ def load_model(path: str | Path) -> Loaded:
             architecture = "decoder"
     auto = {"decoder": tf.AutoModelForCausalLM, "prefix_lm": tf.AutoModelForCausalLM,
             "encoder": tf.AutoModelForMaskedLM, "encoder_decoder": tf.AutoModelForSeq2SeqLM}[architecture]
-    model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32)
+    # A prefix LM needs sdpa, the attention that honours its boolean 4-D mask (data/converters.py).
+    attn = "sdpa" if architecture == "prefix_lm" else None
+    model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32,
+                                 attn_implementation=attn)
     model.eval()
     tok = load_tokenizer(str(mdir))
     specials = SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())

@@ -14,11 +14,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue  # a line cut by a crash (or damaged)
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 

@@ -173,9 +173,10 @@ class TokenStore:
             raise UserError(f"{self.path} is not a token store (no manifest.json); "
                             "make one with `lmobj prepare`")
         try:
-            self.manifest = json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
+            self.manifest = json.loads(manifest.read_bytes())
+        except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8
             raise UserError(f"{manifest} is corrupt: {exc}") from None
+        _check_manifest(self.manifest, manifest)
         self.fingerprint: str = self.manifest["fingerprint"]
         self._tables: dict[str, DocTable] = {}
 
@@ -192,17 +193,59 @@ class TokenStore:
 
     def split(self, name: str) -> DocTable:
         if name not in self._tables:
-            root = self.path / name
-            docs = np.load(root / "docs.npy")
-            n_shards = int(docs[:, 0].max()) + 1 if len(docs) else 0
-            dtype = np.dtype(self.manifest["dtype"])
-            shards = tuple(np.memmap(root / f"tokens-{i:05d}.bin", dtype=dtype, mode="r")
-                           for i in range(n_shards))
-            self._tables[name] = DocTable(shards=shards, docs=docs)
+            table = _open_table(self.path / name, np.dtype(self.manifest["dtype"]))
+            want = self.manifest["splits"].get(name, {})
+            got = {"documents": len(table.docs), "tokens": int(table.lengths.sum())}
+            if any(want.get(k) != v for k, v in got.items()):
+                raise UserError(f"store {self.path}: the {name} split holds {got['documents']} documents "
+                                f"/ {got['tokens']} tokens, its manifest says {want.get('documents')} / "
+                                f"{want.get('tokens')}; the store is damaged: re-run `lmobj prepare`")
+            self._tables[name] = table
         return self._tables[name]
 
     def bytes(self, split: str) -> int:
         return int(self.manifest["splits"][split]["bytes"])
+
+
+def _check_manifest(m: object, where: Path) -> None:
+    """The keys and types the readers rely on; anything else is a damaged manifest."""
+    ok = (isinstance(m, dict) and isinstance(m.get("fingerprint"), str)
+          and isinstance(m.get("tokenizer_fingerprint"), str)
+          and m.get("dtype") in ("uint16", "uint32") and isinstance(m.get("vocab_size"), int)
+          and isinstance(m.get("splits"), dict)
+          and all(isinstance(m["splits"].get(s), dict)
+                  and all(isinstance(m["splits"][s].get(k), int) for k in ("documents", "tokens", "bytes"))
+                  for s in SPLITS))
+    if not ok:
+        raise UserError(f"{where} is corrupt or not a token store manifest; re-run `lmobj prepare`")
+
+
+def _open_table(root: Path, dtype: np.dtype) -> DocTable:
+    """One split's shards (memmapped) and document table, checked to be consistent: every
+    document lies inside its shard, so a damaged store fails here, not in the loader."""
+    try:
+        docs = np.load(root / "docs.npy")  # allow_pickle stays False
+    except (OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{root / 'docs.npy'} is damaged or missing ({exc}); re-run `lmobj prepare`") from None
+    if docs.dtype != np.int64 or docs.ndim != 2 or docs.shape[1] != 3:
+        raise UserError(f"{root / 'docs.npy'} is not an (n, 3) int64 document table; re-run `lmobj prepare`")
+    n_shards = int(docs[:, 0].max()) + 1 if len(docs) else 0
+    shards = []
+    for i in range(n_shards):
+        f = root / f"tokens-{i:05d}.bin"
+        try:  # an empty file cannot be memmapped; an empty shard is a plain empty array
+            shards.append(np.memmap(f, dtype=dtype, mode="r") if f.stat().st_size else np.zeros(0, dtype))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{f} is missing or unreadable ({exc}); re-run `lmobj prepare`") from None
+    sizes = np.array([len(sh) for sh in shards] or [0], dtype=np.int64)
+    shard, start, length = docs[:, 0], docs[:, 1], docs[:, 2]
+    bad = (shard < 0) | (start < 0) | (length < 1)
+    bad |= start > sizes[np.clip(shard, 0, len(sizes) - 1)] - length  # (no int64 overflow)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"{root / 'docs.npy'}: document {i} {tuple(int(v) for v in docs[i])} lies outside "
+                        "its token shard; the store is damaged: re-run `lmobj prepare`")
+    return DocTable(shards=tuple(shards), docs=docs)
 
 
 def encode_documents(

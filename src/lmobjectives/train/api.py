@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
+from lmobjectives.checkpoint import clean_leftovers
 from lmobjectives.config import RunConfig, build_config
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
                                            token_byte_lengths, val_batches)
 from lmobjectives.export import export_model
 from lmobjectives.report.plots import plot_loss
+from lmobjectives.train.distributed import (World, barrier, broadcast_object, export_final,
+                                            failures_end_every_rank, init_world, open_in_turn,
+                                            parallelize)
 from lmobjectives.train.loop import Stop, Trainer
 from lmobjectives.train.setup import Run, default_run_dir, open_run, seed_everything, write_run_files
 from lmobjectives.util import atomic_write_json
@@ -39,7 +46,7 @@ def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
     out = objective_eval(run, rows)
     if run.architecture in LEFT_TO_RIGHT:
         out.update(bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                                 run.device, run.bf16))
+                                 run.device, run.bf16, by_position=True))
     return out
 
 
@@ -68,46 +75,99 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> R
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
-          force: bool = False, progress: bool = True,
+          force: bool = False, allow_reshard: bool = False, progress: bool = True,
           say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> TrainResult:
+    """Train ``cfg`` (or continue the run in ``resume``). Under ``torchrun`` (or
+    ``lmobj train --nproc N``) every process calls this: each trains its share of every global
+    batch, rank 0 writes the run's files and speaks, and a failure on one rank ends them all
+    with its message (``train/distributed.py``)."""
+    world = init_world()
+    with failures_end_every_rank(world):
+        result = _train(cfg, world, resume=resume, overwrite=overwrite, force=force,
+                        allow_reshard=allow_reshard, progress=progress,
+                        say=say if world.rank == 0 else (lambda m: None))
+    world.close()
+    return result
+
+
+def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite: bool, force: bool,
+           allow_reshard: bool, progress: bool, say: Callable[[str], None]) -> TrainResult:
+    lead = world.rank == 0
     if resume is not None:
         run_dir = Path(resume)
     else:
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-        _prepare_out(run_dir, overwrite)
+        run_dir = broadcast_object(Path(cfg.out) if cfg.out else default_run_dir(cfg))
+        if lead:
+            _prepare_out(run_dir, overwrite)
     if cfg.out is None or Path(cfg.out) != run_dir:
         cfg = cfg.model_copy(update={"out": str(run_dir)})
+    for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
+        say(f"removed the leftover {p} of an interrupted write")
     seed_everything(cfg.train.seed)
-    run = open_run(cfg, run_dir, progress=progress)
+    run = open_in_turn(lambda: open_run(cfg, run_dir, progress=progress and lead, rank=world.rank,
+                                        world_size=world.world_size), world)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    parallelize(run, world)
     trainer = Trainer(run, progress=progress)
     if resume is not None:
-        ckpt = trainer.resume(force=force)
+        ckpt = trainer.resume(force=force, allow_reshard=allow_reshard)
         started = f"resumed from {ckpt.name}" if ckpt else "resumed (no checkpoint yet: from step 0)"
+        if trainer.reshard_note:
+            started += f", {trainer.reshard_note}"
     else:
-        write_run_files(run)
+        if lead:
+            write_run_files(run)
         started = f"initialised from {cfg.model.init_from}" if cfg.model.init_from else "new"
+    procs = (f", {world.world_size} processes ({cfg.distributed.strategy})" if world.distributed else "")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
-        f"({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f} M parameters), "
-        f"{cfg.train.steps} steps")
+        f"({n_params / 1e6:.1f} M parameters), {cfg.train.steps} steps{procs}")
     stopped = False
 
     def on_eval() -> None:
-        plot_loss(run_dir)
+        if lead:
+            plot_loss(run_dir)
 
+    # From here to the end a SIGTERM only sets the stop flag (``fit`` saves at the next step
+    # boundary); after ``fit`` a late or repeated SIGTERM must not kill the process half-way
+    # through the final export, nor turn a clean stop into a non-zero exit.
+    with _sigterm_sets(trainer):
+        try:
+            last = trainer.fit(evaluate=lambda: evaluate_run(run), on_eval=on_eval)
+        except Stop:
+            stopped, last = True, {}
+        if trainer.stop_requested:
+            stopped = True
+            say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
+                f"Continue with: lmobj train --resume {run_dir}")
+        return _finish(run, trainer, run_dir, started, last, stopped)
+
+
+@contextmanager
+def _sigterm_sets(trainer: Trainer) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, trainer._handle_signal)
     try:
-        last = trainer.fit(evaluate=lambda: evaluate_run(run), on_eval=on_eval)
-    except Stop:
-        stopped, last = True, {}
-        say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
-            f"Continue with: lmobj train --resume {run_dir}")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
+            stopped: bool) -> TrainResult:
+    """Final evaluation and export (skipped when stopped: a resume redoes them)."""
     ev: dict[str, Any] = {}
     if not stopped:
-        ev = evaluate_run(run)
+        ev = evaluate_run(run)  # on every rank: an FSDP forward is a collective
         if ev:
             trainer.log({"step": trainer.step, "tokens": trainer.tokens, "eval": True, **ev})
-        atomic_write_json(run_dir / "eval.json", {"step": trainer.step, **ev})
-        export_model(run.model, run.tokenizer, run_dir / "final")
-    plot_loss(run_dir)
+        if lead:
+            atomic_write_json(run_dir / "eval.json", {"step": trainer.step, **ev})
+        export_final(run, run_dir / "final")
+    if lead:
+        plot_loss(run_dir)
+    barrier()
     return TrainResult(run_dir=run_dir, started=started, final=last, eval=ev, stopped=stopped)
 
 
@@ -119,5 +179,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     run_dir = ckpt.parent.parent
     cfg = load_run_config(run_dir)
     run = open_run(cfg, run_dir, progress=False)
-    load_checkpoint(ckpt, run.model, None)
+    from lmobjectives.train.sharded import is_sharded_checkpoint, load_sharded
+
+    (load_sharded if is_sharded_checkpoint(ckpt) else load_checkpoint)(ckpt, run.model, None)
     return export_model(run.model, run.tokenizer, out)

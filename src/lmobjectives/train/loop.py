@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmobjectives.checkpoint import clean_leftovers, list_checkpoints, load_checkpoint, save_checkpoint
+from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load_checkpoint,
+                                     read_checkpoint_state, save_checkpoint)
 from lmobjectives.errors import UserError
+from lmobjectives.train.distributed import agree_on_checkpoint, barrier, reshard_loader_state
 from lmobjectives.train.module import to_torch
+from lmobjectives.train.preflight import check_batch, preflight
 from lmobjectives.train.schedule import lr_at
 from lmobjectives.train.setup import Run, config_hash
 
@@ -82,6 +85,7 @@ class Trainer:
     def __init__(self, run: Run, *, progress: bool = True, ddp_model: torch.nn.Module | None = None) -> None:
         self.run = run
         self.cfg = run.cfg
+        self.embedding_rows = preflight(run)  # vocab/data mismatches end here, before step 1
         self.optimizer = build_optimizer(run.model, self.cfg)
         self.loader = run.train_loader()
         self.step = 0
@@ -91,6 +95,8 @@ class Trainer:
         self.progress = progress and run.rank == 0
         self.metrics_path = run.dir / "metrics.jsonl"
         self.stop_requested = False
+        self._stop_agreed = False  # the stop flag as all ranks saw it in the last step
+        self.reshard_note: str | None = None
         self.warmup = round(self.cfg.train.warmup_fraction * self.cfg.train.steps)
 
     # ---------------------------------------------------------------- state
@@ -107,23 +113,45 @@ class Trainer:
                 "world_size": self.run.world_size}
 
     def save(self) -> Path | None:
+        """Write a checkpoint: rank 0 alone for full weights (one process, DDP), every rank its
+        shards for FSDP (``train/sharded.py``)."""
+        rng = {"torch": torch.get_rng_state()}
+        sched = {"step": self.step, "schedule": self.cfg.train.schedule,
+                 "peak_lr": self.cfg.train.lr, "warmup": self.warmup}
+        if self.run.sharded:
+            from lmobjectives.train.sharded import save_sharded
+
+            return save_sharded(self.run.dir, self.step, self.run.model, self.optimizer, sched,
+                                self.state(), rng, rank=self.run.rank, keep=self.cfg.train.keep_checkpoints)
         if self.run.rank != 0:
             return None
-        rng = {"torch": torch.get_rng_state()}
-        path = save_checkpoint(self.run.dir, self.step, self.run.model, self.optimizer,
-                               {"step": self.step, "schedule": self.cfg.train.schedule,
-                                "peak_lr": self.cfg.train.lr, "warmup": self.warmup},
+        return save_checkpoint(self.run.dir, self.step, self.run.model, self.optimizer, sched,
                                self.state(), rng, keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self, force: bool = False, allow_reshard: bool = False) -> Path | None:
+        """Restore the newest complete checkpoint; returns its path (None: nothing to resume).
+        A checkpoint written by another number of processes is refused unless
+        ``allow_reshard``: then the loader continues at the same global position."""
+        if self.run.rank == 0:
+            clean_leftovers(self.run.dir)
+        barrier()
+        ckpts = list_checkpoints(self.run.dir)
+        path = agree_on_checkpoint(ckpts[-1] if ckpts else None)
+        if path is None:
+            if self.run.rank == 0:
+                self._truncate_metrics()  # killed before the first checkpoint: redo from step 0
+            return None
+        state = read_checkpoint_state(path)
+        try:
+            self._restore(state, path, force, allow_reshard)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"checkpoint {path} has a state.json or rng.pt this version cannot "
+                            f"restore ({type(exc).__name__}: {exc})") from None
+        if self.run.rank == 0:
+            self._truncate_metrics()
         return path
 
-    def resume(self, force: bool = False) -> Path | None:
-        """Restore the newest complete checkpoint; returns its path (None: nothing to resume)."""
-        clean_leftovers(self.run.dir)
-        ckpts = list_checkpoints(self.run.dir)
-        if not ckpts:
-            return None
-        path = ckpts[-1]
-        state, _sched, rng = load_checkpoint(path, self.run.model, self.optimizer)
+    def _restore(self, state: dict[str, Any], path: Path, force: bool, allow_reshard: bool) -> None:
         if not force:
             if state["config_hash"] != config_hash(self.cfg):
                 raise UserError(f"the config of {self.run.dir} changed since {path.name} was written; "
@@ -131,29 +159,54 @@ class Trainer:
             if state["store_fingerprints"] != {s.name: s.store.fingerprint for s in self.run.sources}:
                 raise UserError(f"the data of {self.run.dir} changed since {path.name} was written "
                                 "(store fingerprint differs); pass --force to continue anyway")
-        if state.get("world_size", 1) != self.run.world_size:
-            raise UserError(f"{path.name} was written by {state.get('world_size', 1)} process(es), "
-                            f"this run has {self.run.world_size}; resume with the same world size")
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.tokens_by_source = dict(state["tokens_by_source"])
-        self.loader.load_state_dict(state["loader"])
-        self.guard.bad_in_row = state["guard"]["bad_in_row"]
-        self.guard.recent.extend(state["guard"]["recent"])
+        loader_state = state["loader"]
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.run.world_size:
+            if not allow_reshard:
+                raise UserError(
+                    f"{path.name} was written by {saved_world} process(es), this run has "
+                    f"{self.run.world_size}; resume with {saved_world}, or pass --allow-reshard to "
+                    f"continue on {self.run.world_size} (the global batch becomes "
+                    f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * self.run.world_size} rows)")
+            loader_state, self.reshard_note = reshard_loader_state(loader_state, saved_world,
+                                                                   self.run.world_size)
+        from lmobjectives.train.sharded import is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(path) != self.run.sharded:
+            kinds = ("full (ddp or one process)", "sharded (fsdp)")
+            raise UserError(f"{path.name} is a {kinds[is_sharded_checkpoint(path)]} checkpoint but this "
+                            f"run's strategy is {self.cfg.distributed.strategy}; resume with the "
+                            "strategy that wrote it")
+        load = load_sharded if self.run.sharded else load_checkpoint
+        _state, _sched, rng = load(path, self.run.model, self.optimizer)
+        step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
+        counter, guard = loader_state["counter"], state["guard"]
+        bad, recent = guard["bad_in_row"], guard["recent"]
+        count = lambda v: type(v) is int and v >= 0  # noqa: E731 - bool is not a count
+        if not (all(count(v) for v in (step, tokens, counter, bad)) and isinstance(by_source, dict)
+                and all(count(v) for v in by_source.values()) and isinstance(recent, list)
+                and all(type(x) in (int, float) for x in recent)):
+            raise ValueError("step, tokens, loader or guard fields of the wrong type")
+        self.step, self.tokens = step, tokens
+        # sources unchanged by a forced resume keep their counts; new ones start at 0
+        self.tokens_by_source.update({k: v for k, v in by_source.items() if k in self.tokens_by_source})
+        self.loader.load_state_dict(loader_state)
+        self.guard.bad_in_row = bad
+        self.guard.recent.extend(recent)
         torch.set_rng_state(rng["torch"])
-        self._truncate_metrics()
-        return path
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
         if not self.metrics_path.is_file():
             return
         keep = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("step", 0) <= self.step:
+            except (ValueError, RecursionError):
+                continue  # a line cut by a crash (or damaged)
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(step, int) and step <= self.step:
                 keep.append(line)
         from lmobjectives.util import atomic_write_bytes
 
@@ -178,7 +231,9 @@ class Trainer:
         for _ in range(t.grad_accum):
             g = self.loader.counter * self.loader.world_size + self.loader.rank
             rows, src = next(self.loader)
-            micro.append((make_batch(run, rows, g), rows, src))
+            batch = make_batch(run, rows, g)
+            check_batch(batch, self.embedding_rows, self.step + 1)
+            micro.append((batch, rows, src))
         counts = sum(run.module.counts(b) for b, _, _ in micro)
         totals = self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=run.device))
         lr = self.lr(self.step)
@@ -197,10 +252,24 @@ class Trainer:
                 out = run.module.forward_backward(tensors, totals.float())
             nll += out["nll"].double()
             correct += out["correct"].double()
-        stats = self._all_reduce(torch.cat([nll, correct]))
-        nll, correct = stats[: len(nll)], stats[len(nll):]
+        real_by_source = np.zeros(len(run.sources))
+        for _, rows, src in micro:
+            np.add.at(real_by_source, np.asarray(src, dtype=np.int64),
+                      (rows.tokens != run.specials.pad).sum(axis=1))
+        # One all-reduce carries the loss sums, the per-source token counts and the stop flag,
+        # so that every rank logs the same numbers and stops at the same step.
+        n_terms = len(nll)
+        stats = self._all_reduce(torch.cat([
+            nll, correct, torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
+            torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=run.device)]))
+        nll, correct = stats[:n_terms], stats[n_terms:2 * n_terms]
+        real_by_source = stats[2 * n_terms:-1].tolist()
+        self._stop_agreed = bool(stats[-1] > 0)
         per_term = (nll / totals.clamp(min=1)).tolist()
         loss = per_term[0]
+        only = run.update_filter if run.update_filter is not None and run.update_filter.active(self.step) else None
+        if only is not None:
+            only.before_clip()  # e.g. new embedding rows only: other gradients dropped
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             run.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
         record: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
@@ -209,6 +278,8 @@ class Trainer:
             record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
                            zip(run.module.terms, correct.tolist(), totals.tolist())})
         record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
+        if only is not None:
+            record["update"] = "new_rows_only"
         skip = None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             skip = "non-finite"
@@ -224,14 +295,15 @@ class Trainer:
                 self.guard.recent.append(loss)
         if skip is None:
             self.optimizer.step()
+            if only is not None:
+                only.after_step()
         else:
             record["skipped"] = skip
         self.optimizer.zero_grad(set_to_none=True)
         step_tokens = 0
-        for _, rows, src in micro:
-            real = (rows.tokens != run.specials.pad).sum(axis=1)
-            for b, s in enumerate(src):
-                self.tokens_by_source[run.sources[int(s)].name] += int(real[b])
+        for i, source in enumerate(run.sources):
+            self.tokens_by_source[source.name] += int(real_by_source[i])
+        for _, rows, _ in micro:
             step_tokens += rows.tokens.size
         step_tokens *= run.world_size
         self.tokens += step_tokens
@@ -277,7 +349,7 @@ class Trainer:
                         on_eval()
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.steps:
                     self.save()
-                if self.stop_requested:
+                if self._stop_now():
                     if t.checkpoint_every == 0 or self.step % t.checkpoint_every:
                         self.save()
                     raise Stop()
@@ -287,6 +359,10 @@ class Trainer:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
         return last
+
+    def _stop_now(self) -> bool:
+        """Several processes stop at the same step: the flag all-reduced in that step decides."""
+        return self._stop_agreed if self.run.world_size > 1 else self.stop_requested
 
     @staticmethod
     def _main_thread() -> bool:

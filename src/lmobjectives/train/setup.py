@@ -3,8 +3,8 @@ objective, model. Decisions that depend on what the user gave are made here, onc
 written down (``config.yaml``, ``run.json``), so a resumed run rebuilds the same thing.
 
 Tokenizer, in order: ``data.tokenizer``; the tokenizer inside ``data.store``; the one next
-to ``model.init_from``; the shipped default for the default corpus; else one trained on the
-corpus inside the run (``RUN/tokenizer``).
+to ``model.init_from``; the one inside the first store of ``data.mix``; the shipped default
+for the default corpus; else one trained on the corpus inside the run (``RUN/tokenizer``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore
 from lmobjectives.tokenizer import (load_tokenizer, save_hf_tokenizer, tokenizer_fingerprint,
                                     train_tokenizer)
-from lmobjectives.tokenizer.special import SpecialIds
+from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
+from lmobjectives.models.resize import NewRowsOnly
+from lmobjectives.train.continual import (check_store_tokenizer, describe_source, extend_vocab,
+                                          fit_context, resolve_init, rope_overrides)
 from lmobjectives.train.module import StandardModule, TrainModule
 from lmobjectives.util import atomic_write_bytes, atomic_write_json, stable_hash
 
@@ -60,10 +63,16 @@ class Run:
     rank: int = 0
     world_size: int = 1
     info: dict[str, Any] = field(default_factory=dict)
+    update_filter: Any = None  # e.g. models.resize.NewRowsOnly: which parameters a step may change
 
     @property
     def converter(self):
         return CONVERTERS[self.architecture]
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP runs keep sharded (DCP) checkpoints, whatever their number of processes."""
+        return self.cfg.distributed.strategy == "fsdp"
 
     @property
     def row_length(self) -> int:
@@ -119,7 +128,10 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     if cfg.model.init_from:
         src = init_dir(cfg.model.init_from)
         if (src / "tokenizer.json").is_file():
-            return load_tokenizer(str(src)), str(src)
+            return with_reserved_tokens(load_tokenizer(str(src)), str(src), run_dir)
+    mixed_stores = [m.path for m in d.mix if (Path(m.path) / "manifest.json").is_file()]
+    if mixed_stores:  # the first store's tokenizer; the others are checked against it
+        return load_tokenizer(str(Path(mixed_stores[0]) / "tokenizer")), f"{mixed_stores[0]}/tokenizer"
     corpus = [m.path for m in cfg.data.mix] or d.corpus
     if all(c.split(":")[0] == DEFAULT_CORPUS for c in corpus):
         return load_tokenizer(None), "default"
@@ -130,6 +142,22 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     tok = train_tokenizer(texts, DEFAULT_VOCAB, None)
     save_hf_tokenizer(tok, own)
     return tok, str(own)
+
+
+def with_reserved_tokens(tok: Any, tok_from: str, run_dir: Path) -> tuple[Any, str]:
+    """A foreign model's tokenizer (GPT-2, Llama, Qwen, ...) lacks some of our reserved tokens:
+    append the missing ones as special tokens (old ids unchanged) and keep the result in the
+    run; ``load_init_model`` then grows the embeddings (HF's mean-resizing) to match."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if not missing:
+        return tok, tok_from
+    own = run_dir / "tokenizer"
+    if (own / "tokenizer.json").is_file():
+        return load_tokenizer(str(own)), str(own)
+    tok.add_special_tokens(missing)
+    save_hf_tokenizer(tok, own)
+    return tok, f"{tok_from} + {len(missing)} reserved tokens ({own})"
 
 
 def init_dir(path: str) -> Path:
@@ -153,7 +181,8 @@ def _source_name(path: str, used: set[str]) -> str:
     return name
 
 
-def resolve_sources(cfg: RunConfig, run_dir: Path, tokenizer: Any, progress: bool) -> list[Source]:
+def resolve_sources(cfg: RunConfig, run_dir: Path, tokenizer: Any, progress: bool,
+                    tokenizer_from: str = "default") -> list[Source]:
     d = cfg.data
     fp = tokenizer_fingerprint(tokenizer)
     entries = [(m.path, m.weight) for m in d.mix] or [(d.store or None, 1.0)]
@@ -164,7 +193,7 @@ def resolve_sources(cfg: RunConfig, run_dir: Path, tokenizer: Any, progress: boo
             corpus = d.corpus
         elif (Path(path) / "manifest.json").is_file():
             sources.append(Source(_source_name(path, used), TokenStore(path), weight))
-            sources[-1].store.check_tokenizer(fp)
+            check_store_tokenizer(sources[-1].store, fp, tokenizer_from)
             continue
         else:
             name = _source_name(path, used)
@@ -179,17 +208,32 @@ def resolve_sources(cfg: RunConfig, run_dir: Path, tokenizer: Any, progress: boo
     return sources
 
 
-def load_init_model(cfg: RunConfig, architecture: str, specials: SpecialIds) -> torch.nn.Module:
+def load_init_model(cfg: RunConfig, architecture: str, specials: SpecialIds, *,
+                    tokenizer_dir: str | None = None, positions: int = 0,
+                    report: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The weights of ``model.init_from``, fitted to ``positions`` positions (and a new RoPE
+    base), with rows for an extended tokenizer's new tokens (see ``train.continual``)."""
     import transformers as tf
 
     src = init_dir(cfg.model.init_from)
     auto = {"decoder": tf.AutoModelForCausalLM, "prefix_lm": tf.AutoModelForCausalLM,
             "encoder": tf.AutoModelForMaskedLM, "encoder_decoder": tf.AutoModelForSeq2SeqLM}[architecture]
     try:
-        model = auto.from_pretrained(str(src), trust_remote_code=False, attn_implementation="sdpa",
-                                     dtype=torch.float32)
+        config = tf.AutoConfig.from_pretrained(str(src), trust_remote_code=False)
+        fit_context(config, positions, cfg.model.rope_theta)
+        model = auto.from_pretrained(str(src), config=config, trust_remote_code=False,
+                                     attn_implementation="sdpa", dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load a model from {src}: {str(exc).splitlines()[0]}") from None
+    added = extend_vocab(model, src, tokenizer_dir, specials.vocab_size)
+    n_rows = model.get_input_embeddings().num_embeddings
+    if n_rows < specials.vocab_size and set(range(n_rows, specials.vocab_size)) <= set(specials.all_ids()):
+        # Only reserved tokens appended by with_reserved_tokens lie past the model's rows.
+        model.resize_token_embeddings(specials.vocab_size, mean_resizing=True)
+    if report is not None:
+        report.update(describe_source(src))
+        report["new_token_ids"] = len(added)
+        report["_added"] = added
     if model.get_input_embeddings().num_embeddings < specials.vocab_size:
         raise UserError(
             f"model {src} has {model.get_input_embeddings().num_embeddings} embeddings but the "
@@ -202,29 +246,38 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
              world_size: int = 1) -> Run:
     """Build everything for ``cfg`` in ``run_dir`` (created if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, init_info = resolve_init(cfg)
     tokenizer, tok_from = resolve_tokenizer(cfg, run_dir)
     specials = SpecialIds.from_vocab(tokenizer.get_vocab(with_added_tokens=True),
                                      tokenizer.get_vocab_size())
-    sources = resolve_sources(cfg, run_dir, tokenizer, progress)
+    sources = resolve_sources(cfg, run_dir, tokenizer, progress, tokenizer_from=tok_from)
     objective = build_objective(cfg.objective, dict(cfg.objective_params), specials, tokenizer=tokenizer)
     architecture = cfg.resolved_architecture
     device = select_device()
+    positions = max(objective.row_length(cfg.data.seq_len), cfg.data.seq_len)
     if cfg.model.init_from:
-        model = load_init_model(cfg, architecture, specials)
+        model = load_init_model(cfg, architecture, specials, tokenizer_dir=tok_from,
+                                positions=positions, report=init_info)
     else:
-        model = build_model(cfg.model.preset, architecture, specials,
-                            max_positions=max(objective.row_length(cfg.data.seq_len), cfg.data.seq_len) * 2,
-                            seed=cfg.train.seed, overrides=dict(cfg.model.config))
+        model = build_model(cfg.model.preset, architecture, specials, max_positions=positions * 2,
+                            seed=cfg.train.seed, overrides={**cfg.model.config, **rope_overrides(cfg)})
+    added = init_info.pop("_added", [])
+    update_filter = None
+    if cfg.train.new_embeddings_first:
+        update_filter = NewRowsOnly(model, added, cfg.train.new_embeddings_first)
     model.config.use_cache = False
     model.to(device)
     bf16 = use_bf16(cfg.model.precision, device)
-    module = StandardModule(model, architecture, bf16=bf16)
-    info = {"tokenizer": tok_from, "init_from": cfg.model.init_from,
+    # torch.compile wraps the same parameters: checkpoints and export use the plain model.
+    forward_model = torch.compile(model) if cfg.model.compile else model
+    module = StandardModule(forward_model, architecture, bf16=bf16)
+    info = {"tokenizer": tok_from, "init_from": cfg.model.init_from, "init": init_info or None,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in sources}}
     return Run(cfg=cfg, dir=run_dir, tokenizer=tokenizer, specials=specials, sources=sources,
                objective=objective, architecture=architecture, model=model, module=module,
-               device=device, bf16=bf16, rank=rank, world_size=world_size, info=info)
+               device=device, bf16=bf16, rank=rank, world_size=world_size, info=info,
+               update_filter=update_filter)
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -157,6 +157,7 @@ def _sigterm_sets(trainer: Trainer) -> Iterator[None]:
 def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
             stopped: bool) -> TrainResult:
     """Final evaluation and export (skipped when stopped: a resume redoes them)."""
+    lead = run.rank == 0
     ev: dict[str, Any] = {}
     if not stopped:
         ev = evaluate_run(run)  # on every rank: an FSDP forward is a collective

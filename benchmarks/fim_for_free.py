@@ -23,7 +23,7 @@ recorded runs use the tiny preset with more steps, ~7 minutes per run::
 
 (1.02 M tokens per run; with 250 steps the gap was +3.6%.) A 0.7 M-parameter model at a loss
 of ~6.4 fills no held-out line exactly either way: the infilling half of the claim needs a
-model and budget well beyond a CPU minute count.
+bigger model and budget than these CPU runs.
 """
 
 from __future__ import annotations

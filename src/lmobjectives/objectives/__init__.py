@@ -9,10 +9,12 @@ import difflib
 from lmobjectives.errors import UserError
 from lmobjectives.objectives.base import Features, Objective, Rows
 from lmobjectives.objectives.clm import CLM
+from lmobjectives.objectives.mtp import MTP
 from lmobjectives.tokenizer.special import SpecialIds
 
 OBJECTIVES: dict[str, type[Objective]] = {
     CLM.name: CLM,
+    MTP.name: MTP,
 }
 
 

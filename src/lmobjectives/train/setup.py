@@ -209,16 +209,32 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     objective = build_objective(cfg.objective, dict(cfg.objective_params), specials, tokenizer=tokenizer)
     architecture = cfg.resolved_architecture
     device = select_device()
+    # Objectives that need their own model shape say so (MTP: extra heads, per-head loss terms).
+    mtp = getattr(objective, "model_kind", None) == "mtp"
+    overrides = dict(cfg.model.config)
+    if mtp and not cfg.model.init_from:
+        from lmobjectives.train.mtp_module import base_overrides
+
+        overrides = base_overrides(objective, cfg.model.preset, overrides)
     if cfg.model.init_from:
         model = load_init_model(cfg, architecture, specials)
     else:
         model = build_model(cfg.model.preset, architecture, specials,
                             max_positions=max(objective.row_length(cfg.data.seq_len), cfg.data.seq_len) * 2,
-                            seed=cfg.train.seed, overrides=dict(cfg.model.config))
+                            seed=cfg.train.seed, overrides=overrides)
+    if mtp:
+        from lmobjectives.train.mtp_module import wrap_model
+
+        model = wrap_model(model, objective, cfg.train.seed, cfg.model.init_from)
     model.config.use_cache = False
     model.to(device)
     bf16 = use_bf16(cfg.model.precision, device)
-    module = StandardModule(model, architecture, bf16=bf16)
+    if mtp:
+        from lmobjectives.train.mtp_module import MTPModule
+
+        module: TrainModule = MTPModule(model, objective, bf16=bf16)
+    else:
+        module = StandardModule(model, architecture, bf16=bf16)
     info = {"tokenizer": tok_from, "init_from": cfg.model.init_from,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in sources}}

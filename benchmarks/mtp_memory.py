@@ -101,7 +101,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", str(n), strategy, "--design", args.design,
                    "--preset", args.preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                    "--seed", str(args.seed)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+            # A fixed mmap threshold makes glibc return every large tensor's memory on free (its
+            # default adapts the threshold upwards and keeps freed blocks), so RSS tracks live tensors.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ref = {r["strategy"]: r["peak_extra_mib"] for r in rows if r["n_heads"] == min(r["n_heads"] for r in rows)}
     for r in rows:

@@ -158,7 +158,8 @@ def peak_saved_bytes(model: torch.nn.Module, step) -> int:  # noqa: ANN001
     return live["peak"]
 
 
-def test_peak_memory_is_flat_in_the_number_of_heads():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_peak_memory_is_flat_in_the_number_of_heads(design):
     """Logits dominate (V = 8192 against d = 64): the naive backward holds every head's, ours
     one at a time (Gloeckle §2: O(nV + d) -> O(V + d))."""
     from lmobjectives.tokenizer.special import SpecialIds
@@ -167,9 +168,9 @@ def test_peak_memory_is_flat_in_the_number_of_heads():
     batch = packed_batch(sp, B=2, T=64)
     peaks = {}
     for n in (1, 4):
-        model = tiny_mtp(sp, n, "parallel").train()
+        model = tiny_mtp(sp, n, design).train()
         for strategy in ("sequential", "naive"):
-            module = MTPModule(model, MTP(specials=sp, n_heads=n), strategy=strategy)
+            module = MTPModule(model, MTP(specials=sp, n_heads=n, head_design=design), strategy=strategy)
             totals = torch.as_tensor(module.counts(batch), dtype=torch.float32)
             peaks[n, strategy] = peak_saved_bytes(
                 model, lambda: module.forward_backward(to_torch(batch, CPU), totals))

@@ -12,8 +12,10 @@ Instead the trunk runs once, its output z is detached, and each head runs forwar
 backward on its own, accumulating ∂L/∂z; the trunk then backpropagates once with that
 gradient. Peak memory goes from O(nV + d) to O(V + d) per token, at the price of n small
 backward calls instead of one. For the sequential design the chain h^0 → h^1 → ... is built
-first with a detach between depths, then walked from the deepest head back, each depth
-adding its own loss gradient to the one flowing back from the depths after it (Fig. S11).
+first without a graph, then walked from the deepest head back: each depth's block is run
+again with its graph, and its own loss gradient is added to the one flowing back from the
+depths after it (Fig. S11). That costs one extra forward of each depth's block (not of the
+trunk) and keeps one depth's activations alive instead of n − 1.
 
 Worked example (parallel, n = 2): z = trunk(x); z' = z.detach() with grad; loss_1(head_1(z'))
 .backward() frees head 1's logits and leaves g_1 in z'.grad; loss_2(head_2(z')).backward()
@@ -135,32 +137,38 @@ class MTPModule:
     def _sequential(self, batch, totals, backward):  # noqa: ANN001, ANN202
         ids, pos, labels = self._inputs(batch)
         n, pad = self.model.n_heads, self.model.config.pad_token_id or 0
-        with autocast(self._device(), self.bf16):
+        device = self._device()
+        with autocast(device, self.bf16):
             z, ctx = self.model.trunk(ids, pos)  # h^0: (B, T, d)
-        hidden, inputs = [z], []
-        for k in range(2, n + 1):  # the chain, one detach per depth
-            x = hidden[-1].detach().requires_grad_(True) if backward else hidden[-1]
-            inputs.append(x)
-            with autocast(self._device(), self.bf16):
-                hidden.append(self.model.head_hidden(k, x, ctx, tokens=shift_tokens(ids, k - 1, pad)))
+        tokens = [None, None] + [shift_tokens(ids, k - 1, pad) for k in range(2, n + 1)]
+        # The chain h^1 .. h^{n-1} without a graph: each depth's block is run again, with its
+        # graph, when the walk back reaches it (activation recomputation), so at most one
+        # depth's activations and one head's logits are alive at a time.
+        hidden = [z]
+        with torch.no_grad(), autocast(device, self.bf16):
+            for k in range(2, n + 1):
+                hidden.append(self.model.head_hidden(k, hidden[-1].detach(), ctx, tokens=tokens[k]))
         nll: list[Any] = [None] * n
         correct: list[Any] = [None] * n
-        grad_from_deeper = None
+        grad_from_deeper = None  # dL/dh^{k-1} from depths k and deeper
         for k in range(n, 0, -1):  # deepest head first (Gloeckle Fig. S11)
-            h = hidden[k - 1]
+            if k >= 2 and backward:
+                x = hidden[k - 2].detach().requires_grad_(True)
+                with autocast(device, self.bf16):
+                    h = self.model.head_hidden(k, x, ctx, tokens=tokens[k])  # (B, T, d), with graph
+            else:
+                x, h = None, hidden[k - 1]
             h_in = h.detach().requires_grad_(True) if backward else h
             s, c = self._score(k, h_in, depth_labels(labels, pos, k))
             nll[k - 1], correct[k - 1] = s.detach(), c.detach()
             if not backward:
                 continue
             if self.weights[k - 1] > 0:
-                (s * self._scale(k, totals)).backward()
+                (s * self._scale(k, totals)).backward()  # frees head k's logits now
             grads = [g for g in (h_in.grad, grad_from_deeper) if g is not None]
-            if not grads:
-                continue
-            g = grads[0] if len(grads) == 1 else grads[0] + grads[1]
-            h.backward(g)  # through depth k's module (or the trunk, for k = 1)
-            grad_from_deeper = inputs[k - 2].grad if k >= 2 else None
+            if grads:
+                h.backward(grads[0] if len(grads) == 1 else grads[0] + grads[1])  # depth k's block, or the trunk
+            grad_from_deeper = x.grad if x is not None else None
         return {"nll": torch.stack(nll), "correct": torch.stack(correct)}
 
     def _naive(self, batch, totals, backward):  # noqa: ANN001, ANN202

@@ -48,5 +48,5 @@ def tiny_tree(store: str, out: str, **train) -> dict:
     t = {"steps": 6, "batch_size": 2, "lr": 3e-3, "eval_every": 0, "checkpoint_every": 3,
          "eval_batches": 2, "warmup_fraction": 0.2}
     t.update(train)
-    return {"model": {"preset": "tiny"}, "data": {"store": store, "seq_len": 32},
+    return {"objective": "clm", "model": {"preset": "tiny"}, "data": {"store": store, "seq_len": 32},
             "train": t, "out": out}

@@ -42,7 +42,7 @@ def make_store(root: Path, **corpus_kw) -> Path:
 
 def tiny_args(store: Path, out: Path, steps: int = 12, *extra: str, every: int = 3,
               accum: int = 1) -> list[str]:
-    return ["train", "--preset", "tiny", "--data", str(store), "--seq-len", "32",
+    return ["train", "--objective", "clm", "--preset", "tiny", "--data", str(store), "--seq-len", "32",
             "--batch-size", "2", "--grad-accum", str(accum), "--steps", str(steps),
             "--checkpoint-every", str(every), "--out", str(out), "--json",
             "--set", "model.precision=fp32", *extra]

@@ -30,7 +30,7 @@ GOOD = b"the model reads a token and the loss goes down.\n"
 
 
 def corpus_args(corpus: Path | str, *extra: str) -> list[str]:
-    return ["train", "--corpus", str(corpus), "--tokenizer", str(default_tokenizer_dir()),
+    return ["train", "--objective", "clm", "--corpus", str(corpus), "--tokenizer", str(default_tokenizer_dir()),
             "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
             "--checkpoint-every", "0", "--json", "--set", "model.precision=fp32",
             "--set", "data.val_fraction=0", *extra]

@@ -32,7 +32,7 @@ def test_help_lists_commands():
     p = run("--help")
     assert p.returncode == 0
     for cmd in ("train", "prepare", "tokenizer", "corpus", "eval", "generate", "export", "show",
-                "fill-mask"):
+                "fill-mask", "infill"):
         assert cmd in p.stdout
     p = run("train", "--help")
     assert p.returncode == 0 and "--objective" in p.stdout and "--resume" in p.stdout

@@ -53,7 +53,7 @@ def _quiet(msg: str) -> None:
 
 
 def _train(tree: dict) -> Path:
-    result = train(build_config(tree), progress=False, say=_quiet)
+    result = train(build_config({"objective": "clm", **tree}), progress=False, say=_quiet)
     return result.run_dir
 
 
@@ -146,7 +146,7 @@ def test_position_buckets_worked_example():
 # ------------------------------------------------------------------------------ mixing
 def test_mix_serves_exact_shares_and_logs_tokens_by_source(corpora, tmp_path):
     out = tmp_path / "mix"
-    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--mix", f"{corpora['prose']}=0.75",
+    res = CliRunner().invoke(app, ["train", "--objective", "clm", "--preset", "tiny", "--mix", f"{corpora['prose']}=0.75",
                                    "--mix", f"{corpora['code']}=0.25", "--tokenizer", str(default_tokenizer_dir()),
                                    "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--out", str(out),
                                    "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--json"])
@@ -302,7 +302,7 @@ def test_init_from_a_foreign_model_with_its_own_tokenizer(tmp_path, small_corpus
                                              n_head=2, n_positions=64))
     model.save_pretrained(src)
     old_rows = model.get_input_embeddings().weight.detach().clone()
-    res = train(build_config({"model": {"init_from": str(src)}, "data": {"corpus": [small_corpus], "seq_len": 32},
+    res = train(build_config({"objective": "clm", "model": {"init_from": str(src)}, "data": {"corpus": [small_corpus], "seq_len": 32},
                               "train": {"steps": 0, "batch_size": 2}, "out": str(tmp_path / "run")}),
                 progress=False)
     out = tf.AutoModelForCausalLM.from_pretrained(res.run_dir / "final")

@@ -257,7 +257,7 @@ def test_nproc_inside_torchrun_must_match(monkeypatch):
 
 def test_a_failure_on_one_rank_ends_every_rank_with_its_message(runs, tmp_path):
     """``lmobj train --nproc 2`` (the shortcut starts torchrun) whose rank 1 fails at step 2."""
-    args = ["train", "--data", str(runs["store"]), "--preset", "tiny", "--seq-len", "32",
+    args = ["train", "--objective", "clm", "--data", str(runs["store"]), "--preset", "tiny", "--seq-len", "32",
             "--batch-size", "4", "--steps", str(STEPS), "--set", "model.precision=fp32",
             "--nproc", "2", "--json", "--out", str(tmp_path / "run")]
     proc = subprocess.run([sys.executable, str(HERE / "distributed_fail.py"), *args], env=env(),

@@ -31,7 +31,7 @@ def synthetic_store(out: Path) -> Path:
 
 def test_golden_loss_curve(tmp_path):
     store = synthetic_store(tmp_path / "store")
-    cfg = build_config({"model": {"preset": "tiny", "precision": "fp32"},
+    cfg = build_config({"objective": "clm", "model": {"preset": "tiny", "precision": "fp32"},
                         "data": {"store": str(store), "seq_len": 32},
                         "train": {"steps": 8, "batch_size": 4, "grad_accum": 2, "seed": 7, "lr": 1e-2,
                                   "eval_every": 0, "checkpoint_every": 0, "warmup_fraction": 0.25},

@@ -23,7 +23,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def make_trainer(store: Path, out: Path, steps: int, **train) -> Trainer:
-    cfg = build_config({"model": {"preset": "tiny", "precision": "fp32"},
+    cfg = build_config({"objective": "clm", "model": {"preset": "tiny", "precision": "fp32"},
                         "data": {"store": str(store), "seq_len": 32},
                         "train": {"steps": steps, "batch_size": 2, "checkpoint_every": 0,
                                   "eval_every": 0, **train},

@@ -122,6 +122,26 @@ def train(
         if result.eval:
             _say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in result.eval.items()))
+        if not result.stopped:
+            _print_showcase(result.run_dir)
+
+
+def _print_showcase(run_dir: Path) -> None:
+    """The end of a finished run: a short generation and an infill example (``showcase``)."""
+    from lmobjectives.infer.api import showcase
+
+    shown = showcase(str(run_dir))
+    if "generation" in shown:
+        g = shown["generation"]
+        print(f"--- generation (greedy, prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
+    if "infill" in shown:
+        f = shown["infill"]
+        if f["kind"] == "fim":
+            print(f"--- infill (FIM {f['mode'].upper()}; the middle in [[ ]], stopped by "
+                  f"{f['stopped_by']})\n{f['prefix']}[[{f['middle']}]]{f['suffix']}", end="")
+        else:
+            print(f"--- infill (sentinel spans {f['spans']}, stopped by {f['stopped_by']})\n"
+                  f"{f['input']}\n-> {f['text']}", end="")
 
 
 # ------------------------------------------------------------------------------------ data
@@ -217,9 +237,11 @@ def eval_(
     baseline: Optional[str] = typer.Option(None, help="Run or HF model dir to compare with: per-dataset gain and retention (forgetting report)."),
     batches: int = typer.Option(16, help="Validation batches (per dataset)."),
     seq_len: Optional[int] = typer.Option(None, help="Row length for the forgetting report (default: the run's)."),
+    infill_samples: int = typer.Option(20, help="Held-out lines for infill exact match (FIM/CLM decoders; 0 = skip)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Loss, perplexity and bits-per-byte of a run on held-out data; with NAME=PATH datasets
+    """Loss, perplexity and bits-per-byte of a run on held-out data (+ single-line infill
+    exact match for FIM/CLM decoders); with NAME=PATH datasets
     or --baseline, the forgetting report (table, JSON, RUN/forgetting.png)."""
     from lmobjectives.evaluate.forgetting import format_table, forgetting_report, is_named, parse_datasets
     from lmobjectives.evaluate.run import evaluate_dir
@@ -229,7 +251,8 @@ def eval_(
         report = forgetting_report(run_dir, parse_datasets(data), baseline, batches=batches, seq_len=seq_len)
         _print_json(report) if json_out else print(format_table(report))
         return
-    res = evaluate_dir(run_dir, data=data[0] if data else None, n_batches=batches)
+    res = evaluate_dir(run_dir, data=data[0] if data else None, n_batches=batches,
+                       infill_samples=infill_samples)
     if json_out:
         _print_json(res)
     else:
@@ -271,6 +294,38 @@ def fill_mask(
 
     res = fill_mask_text(run_dir, text, top_k=top_k)
     _print_json(res) if json_out else print(render(res))
+
+
+@app.command()
+def infill(
+    run_dir: str = typer.Argument(..., help="A run directory (or an HF model directory)."),
+    prefix: Optional[str] = typer.Option(None, help="FIM: text before the gap."),
+    suffix: Optional[str] = typer.Option(None, help="FIM: text after the gap."),
+    mode: str = typer.Option("psm", help="FIM prompt order: psm or spm."),
+    file: Optional[str] = typer.Option(None, help="FIM: fill a line of this file (with --line)."),
+    line: Optional[int] = typer.Option(None, help="FIM: the 1-based line of --file to fill."),
+    text: Optional[str] = typer.Option(None, help="Span/UL2 runs: text with <extra_id_0>, <extra_id_1>, ... gaps."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fill a gap: the middle between --prefix and --suffix (FIM decoders), a line of a file,
+    or the <extra_id_N> spans of --text (span/UL2 runs)."""
+    from lmobjectives.infer.api import infill as run_infill
+
+    res = run_infill(run_dir, prefix=prefix, suffix=suffix, text=text, file=file, line=line,
+                     mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed)
+    if json_out:
+        _print_json(res)
+    elif res.get("file"):
+        print(f"line {res['line']} (model): {res['middle']}")
+        print(f"line {res['line']} (file):  {res['expected']}")
+        print(f"exact match: {'yes' if res['exact_match'] else 'no'}")
+    else:
+        print(res["text"])
 
 
 @app.command()

@@ -85,7 +85,8 @@ class DistributedConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    objective: str = "clm"
+    # The default job: a code model, CLM + FIM at rate 0.5 (FIM paper: infilling "for free").
+    objective: str = "fim"
     objective_params: dict[str, Any] = Field(default_factory=dict)
     architecture: str | None = None  # None: the objective's default
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -93,6 +94,20 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decoder_alias(cls, data: Any) -> Any:
+        """``architecture: decoder`` for an objective that trains decoders only as prefix LMs
+        (span, UL2, prefix) means ``prefix_lm``: the decoder-only form of that objective."""
+        from lmobjectives.objectives import OBJECTIVES
+
+        if isinstance(data, dict) and data.get("architecture") == "decoder":
+            cls_ = OBJECTIVES.get(data.get("objective", cls.model_fields["objective"].default))
+            if cls_ is not None and "decoder" not in cls_.architectures \
+                    and "prefix_lm" in cls_.architectures:
+                data = {**data, "architecture": "prefix_lm"}
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""``lmobj eval``: a run's objective loss, perplexity and bits-per-byte on held-out data."""
+"""``lmobj eval``: a run's objective loss, perplexity and bits-per-byte on held-out data, and
+single-line infilling exact match for FIM/CLM decoders (``evaluate/infill.py``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ from typing import Any
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
                                            token_byte_lengths, val_batches)
+from lmobjectives.evaluate.infill import DEFAULT_SAMPLES, document_texts, infill_exact_match
 from lmobjectives.store.store import TokenStore
 
+# Decoder objectives whose runs get the infilling metric: FIM, and CLM as its baseline.
+INFILL_OBJECTIVES = ("fim", "clm")
 
-def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int = 16) -> dict[str, Any]:
+
+def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int = 16,
+                 infill_samples: int = DEFAULT_SAMPLES) -> dict[str, Any]:
     """Evaluate a run's final model on its validation split, or on ``data`` (a store or a
-    corpus, prepared on the fly with the run's tokenizer)."""
+    corpus, prepared on the fly with the run's tokenizer). Decoders trained with FIM or CLM
+    also get single-line ``infill_exact_match`` on ``infill_samples`` held-out lines."""
     from lmobjectives.data.loader import PackedSource
     from lmobjectives.infer.load import load_model
     from lmobjectives.train.api import load_run_config
@@ -40,9 +47,11 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
 
         store.check_tokenizer(tokenizer_fingerprint(run.tokenizer), f"the tokenizer of run {run_dir}")
         split = "val" if data is not None and len(store.split("val").docs) else "train"
-        source = PackedSource(store.split(split), run.row_length, seed=0, pad=run.specials.pad, shuffle=False)
+        table = store.split(split)
+        source = PackedSource(table, run.row_length, seed=0, pad=run.specials.pad, shuffle=False)
     else:
         source = run.val_source()
+        table = run.sources[0].store.split("val")
         if source is None:
             raise UserError(f"run {run_dir} has no validation split; pass --data")
     rows = val_batches(source, cfg.train.batch_size, n_batches)
@@ -59,6 +68,10 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     else:
         res.update({"bits_per_byte": None, "bytes": None,
                     "bits_per_byte_reason": NO_BPB_REASON[run.architecture]})
+    if run.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
+        docs = document_texts(table, run.tokenizer, run.specials.eos)
+        em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)
+        res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})
     return res
 
 

@@ -270,13 +270,15 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
+    speculative: bool = typer.Option(False, help="Draft with the MTP heads, verify with the base model "
+                                                 "(same output as plain decoding, fewer forward passes)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Continue a prompt with a KV cache (greedy by default)."""
     from lmobjectives.infer.api import generate_text
 
     res = generate_text(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, seed=seed)
+                        top_p=top_p, seed=seed, speculative=speculative)
     _print_json(res) if json_out else print(prompt + res["text"])
 
 

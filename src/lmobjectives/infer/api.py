@@ -10,8 +10,13 @@ from lmobjectives.infer.load import Loaded, load_model
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0) -> dict[str, Any]:
+                  top_p: float = 1.0, seed: int = 0, speculative: bool = False) -> dict[str, Any]:
     loaded = load_model(path)
+    if speculative:
+        from lmobjectives.infer.speculative import speculative_text
+
+        return speculative_text(loaded, prompt, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed)
     if loaded.architecture not in ("decoder", "prefix_lm"):
         raise UserError(f"{path} is an {loaded.architecture} model; `generate` needs a decoder "
                         "(use fill-mask for encoders, infill for encoder-decoders)")

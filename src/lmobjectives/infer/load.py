@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lmobjectives.errors import UserError
+from lmobjectives.models.mtp import HEADS_JSON, load_heads
 from lmobjectives.tokenizer import load_tokenizer
 from lmobjectives.tokenizer.special import SpecialIds
 
@@ -59,6 +60,8 @@ def load_model(path: str | Path) -> Loaded:
     attn = "sdpa" if architecture == "prefix_lm" else None
     model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32,
                                  attn_implementation=attn)
+    if (mdir / HEADS_JSON).is_file():  # a multi-token-prediction run: put its extra heads back
+        model = load_heads(model, mdir)
     model.eval()
     tok = load_tokenizer(str(mdir))
     specials = SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())

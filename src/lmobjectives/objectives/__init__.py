@@ -11,6 +11,7 @@ from lmobjectives.objectives.base import Features, Objective, Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.objectives.fim import FIM
 from lmobjectives.objectives.mlm import MLM
+from lmobjectives.objectives.mtp import MTP
 from lmobjectives.objectives.prefix import PrefixLM
 from lmobjectives.objectives.span import SpanCorruption
 from lmobjectives.objectives.ul2 import UL2
@@ -23,6 +24,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     UL2.name: UL2,
     PrefixLM.name: PrefixLM,
     FIM.name: FIM,
+    MTP.name: MTP,
 }
 
 

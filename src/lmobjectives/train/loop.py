@@ -240,6 +240,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        begin = getattr(run.module, "begin_step", None)  # modules with a scheduled loss weight
+        if begin is not None:
+            begin(self.step, t.steps)
         nll = torch.zeros(len(run.module.terms), dtype=torch.float64, device=run.device)
         correct = torch.zeros_like(nll)
         for i, (batch, _, _) in enumerate(micro):
@@ -274,9 +277,10 @@ class Trainer:
             run.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
         record: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
         if len(per_term) > 1:
-            record.update({f"{name}": v for name, v in zip(run.module.terms, per_term)})
+            # The first term is already "loss" / "accuracy".
+            record.update({f"{name}": v for name, v in zip(run.module.terms[1:], per_term[1:])})
             record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
-                           zip(run.module.terms, correct.tolist(), totals.tolist())})
+                           zip(run.module.terms[1:], correct.tolist()[1:], totals.tolist()[1:])})
         record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
         if only is not None:
             record["update"] = "new_rows_only"

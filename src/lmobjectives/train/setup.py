@@ -255,12 +255,23 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     architecture = cfg.resolved_architecture
     device = select_device()
     positions = max(objective.row_length(cfg.data.seq_len), cfg.data.seq_len)
+    # Objectives that need their own model shape say so (MTP: extra heads, per-head loss terms).
+    mtp = getattr(objective, "model_kind", None) == "mtp"
+    overrides = {**cfg.model.config, **rope_overrides(cfg)}
+    if mtp and not cfg.model.init_from:
+        from lmobjectives.train.mtp_module import base_overrides
+
+        overrides = base_overrides(objective, cfg.model.preset, overrides)
     if cfg.model.init_from:
         model = load_init_model(cfg, architecture, specials, tokenizer_dir=tok_from,
                                 positions=positions, report=init_info)
     else:
         model = build_model(cfg.model.preset, architecture, specials, max_positions=positions * 2,
-                            seed=cfg.train.seed, overrides={**cfg.model.config, **rope_overrides(cfg)})
+                            seed=cfg.train.seed, overrides=overrides)
+    if mtp:
+        from lmobjectives.train.mtp_module import wrap_model
+
+        model = wrap_model(model, objective, cfg.train.seed, cfg.model.init_from)
     added = init_info.pop("_added", [])
     update_filter = None
     if cfg.train.new_embeddings_first:
@@ -268,9 +279,14 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     model.config.use_cache = False
     model.to(device)
     bf16 = use_bf16(cfg.model.precision, device)
-    # torch.compile wraps the same parameters: checkpoints and export use the plain model.
-    forward_model = torch.compile(model) if cfg.model.compile else model
-    module = StandardModule(forward_model, architecture, bf16=bf16)
+    if mtp:
+        from lmobjectives.train.mtp_module import MTPModule
+
+        module: TrainModule = MTPModule(model, objective, bf16=bf16)
+    else:
+        # torch.compile wraps the same parameters: checkpoints and export use the plain model.
+        forward_model = torch.compile(model) if cfg.model.compile else model
+        module = StandardModule(forward_model, architecture, bf16=bf16)
     info = {"tokenizer": tok_from, "init_from": cfg.model.init_from, "init": init_info or None,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in sources}}

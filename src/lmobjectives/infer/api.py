@@ -9,6 +9,14 @@ from lmobjectives.infer.generate import generate
 from lmobjectives.infer.load import Loaded, load_model
 
 
+def prompt_ids(loaded, prompt: str) -> list[int]:  # noqa: ANN001
+    """A prompt as training saw documents: its tokens from position 0, no separator in front
+    (a document's first token never attends to the EOS before it). An empty prompt is the
+    EOS alone, the one context in which a document starts."""
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
+    return ids or [loaded.specials.eos]
+
+
 def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, speculative: bool = False) -> dict[str, Any]:
     loaded = load_model(path)
@@ -22,7 +30,7 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
                         "(use fill-mask for encoders, infill for encoder-decoders)")
     if not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
-    ids = [loaded.specials.eos] + loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
+    ids = prompt_ids(loaded, prompt)
     g = generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
                  bidirectional_prompt=loaded.architecture == "prefix_lm")

@@ -23,7 +23,7 @@ import torch
 from lmobjectives.config import build_config
 from lmobjectives.data.loader import Loader, PackedSource
 from lmobjectives.models.presets import build_model, count_parameters
-from lmobjectives.store.store import DocTable
+from lmobjectives.store.store import TokenStore, write_store
 from lmobjectives.tokenizer.special import SpecialIds
 from lmobjectives.train.loop import Trainer
 from lmobjectives.train.module import StandardModule
@@ -52,30 +52,33 @@ def flops_per_token(model, seq_len: int) -> float:  # noqa: ANN001
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
-class _FakeStore:
-    def __init__(self, table: DocTable) -> None:
-        self.table, self.fingerprint, self.path = table, "bench", "memory"
+def random_store(vocab: int, n_docs: int = 400, seed: int = 0) -> TokenStore:
+    """A real token store of random documents (50-2,000 tokens), in a temporary directory."""
+    from lmobjectives.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-    def split(self, name: str) -> DocTable:
-        return self.table
-
-
-def random_table(vocab: int, n_docs: int = 400, seed: int = 0) -> DocTable:
     rng = np.random.default_rng(seed)
-    return DocTable.from_documents([rng.integers(200, vocab, rng.integers(50, 2000)) for _ in range(n_docs)], eos=0)
+    docs = [(f"doc {i}", rng.integers(200, vocab, rng.integers(50, 2000))) for i in range(n_docs)]
+    out = Path(tempfile.mkdtemp(prefix="lmobj-bench-")) / "store"
+    write_store(out, iter(docs), vocab_size=vocab, eos=0,
+                tokenizer_fingerprint=tokenizer_fingerprint(load_tokenizer(None)), sources={})
+    return TokenStore(out)
 
 
 def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                    table: DocTable) -> list[float]:
+                    table: TokenStore, compile: bool = False) -> list[float]:
     from lmobjectives.objectives import CLM
 
     cfg = build_config({"model": {"preset": preset}, "data": {"seq_len": seq_len},
                         "train": {"steps": steps + 2, "batch_size": batch}})
     model = build_model(preset, "decoder", specials, seq_len * 2, seed=0)
     model.config.use_cache = False
-    run = Run(cfg=cfg, dir=Path(tempfile.mkdtemp(prefix="lmobj-bench-")), tokenizer=None, specials=specials,
-              sources=[Source("bench", _FakeStore(table), 1.0)], objective=CLM(specials=specials),
-              architecture="decoder", model=model, module=StandardModule(model, "decoder"),
+    from lmobjectives.tokenizer import load_tokenizer
+
+    run = Run(cfg=cfg, dir=Path(tempfile.mkdtemp(prefix="lmobj-bench-")), tokenizer=load_tokenizer(None),
+              specials=specials,
+              sources=[Source("bench", table, 1.0)], objective=CLM(specials=specials),
+              architecture="decoder", model=model,
+              module=StandardModule(torch.compile(model) if compile else model, "decoder"),
               device=torch.device("cpu"), bf16=False)
     trainer = Trainer(run, progress=False)
     times = []
@@ -87,11 +90,11 @@ def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials:
 
 
 def hf_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                  table: DocTable) -> list[float]:
+                  table: TokenStore, compile: bool = False) -> list[float]:
     import transformers as tf
 
     model = build_model(preset, "decoder", specials, seq_len * 2, seed=0)
-    src = PackedSource(table, seq_len, seed=0, pad=specials.pad)
+    src = PackedSource(table.split("train"), seq_len, seed=0, pad=specials.pad)
     rows = src.rows(np.arange((steps + 2) * batch)).tokens.astype(np.int64)
     data = [{"input_ids": r, "labels": r} for r in rows]
     times: list[float] = []
@@ -108,7 +111,8 @@ def hf_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: S
             output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 2,
             learning_rate=3e-3, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
             lr_scheduler_type="cosine", warmup_steps=1, logging_steps=10**6, save_strategy="no",
-            report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+            report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+            torch_compile=compile)
         trainer = tf.Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()])
         trainer.train()
     return times[2:]
@@ -121,20 +125,22 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of each")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both (the first steps compile)")
     args = ap.parse_args()
     specials = SpecialIds.default(8192)
-    table = random_table(8192)
+    table = random_store(8192)
     ours, hf = [], []
     for _ in range(args.rounds):  # alternate, so both see the same background load
-        ours += ours_step_times(args.preset, args.batch, args.seq_len, args.steps, specials, table)
-        hf += hf_step_times(args.preset, args.batch, args.seq_len, args.steps, specials, table)
+        ours += ours_step_times(args.preset, args.batch, args.seq_len, args.steps, specials, table, args.compile)
+        hf += hf_step_times(args.preset, args.batch, args.seq_len, args.steps, specials, table, args.compile)
     tokens = args.batch * args.seq_len
     model = build_model(args.preset, "decoder", specials, args.seq_len * 2, seed=0)
     fpt = flops_per_token(model, args.seq_len)
     peak = matmul_peak()
     t_ours, t_hf = statistics.median(ours), statistics.median(hf)
     print(f"model {args.preset} ({count_parameters(model) / 1e6:.1f} M), batch {args.batch} x {args.seq_len}, "
-          f"{torch.get_num_threads()} threads, fp32; matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"{torch.get_num_threads()} threads, fp32{', compiled' if args.compile else ''}; "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s")
     print()
     print("| trainer              | s/step (median) | tokens/s | MFU   | ratio |")
     print("|----------------------|----------------:|---------:|------:|------:|")

@@ -1,0 +1,195 @@
+"""Measurements of finished runs on one shared held-out bench, metric by metric.
+
+``METRICS`` is the table of optional metrics, keyed by name. Each says which runs it applies
+to (``applies`` returns None, or the reason it does not), and how to compute it (``compute``,
+a call into the library). A metric that applies but has no ``compute`` yet is reported as
+"n/a" with ``missing`` as the reason — that is where a new measurement plugs in::
+
+    METRICS["infill_exact_match"] = dataclasses.replace(
+        METRICS["infill_exact_match"], compute=lambda s, bench: {"value": ...})
+
+Every run is measured on the same held-out text (``Bench``): bits-per-byte on the first
+validation rows of ``seq_len`` tokens (whatever row length the objective trained on), the
+probe on the same windows for every model. Results go to ``RUN/measure.json`` with a key
+hashing the final weights, the bench and the metrics computed, so a re-run measures only
+what changed.
+
+Worked example of an entry in ``measure.json``::
+
+    {"bits_per_byte": {"value": 2.41}, "masked_token_accuracy":
+     {"value": null, "reason": "only a masked-LM encoder predicts masked tokens in place"}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lmobjectives.compare.probe import ProbeData, pooled_states, probe_accuracy
+from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
+from lmobjectives.objectives.base import Rows
+from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
+
+MEASURE_VERSION = 1
+# Objectives that train the model to produce a missing middle given its surroundings.
+INFILLING = ("fim", "span", "ul2")
+# Objectives whose model carries draft heads for self-speculative decoding.
+DRAFTING = ("mtp",)
+
+
+@dataclass
+class Subject:
+    """One finished run, loaded for measurement."""
+
+    key: str
+    objective: str
+    architecture: str
+    run_dir: Path
+    model: torch.nn.Module
+    specials: Any  # SpecialIds
+    tokenizer: Any
+    eval: dict[str, Any]  # the run's eval.json
+
+
+@dataclass
+class Bench:
+    """Held-out data shared by every run."""
+
+    rows: list[Rows]  # validation rows of seq_len tokens
+    byte_lengths: np.ndarray  # (V,) UTF-8 bytes per token id
+    probe: ProbeData | str  # the probe's data, or why there is no probe
+    device: torch.device
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for r in self.rows:
+            h.update(np.ascontiguousarray(r.tokens).tobytes())
+        h.update((self.probe if isinstance(self.probe, str) else self.probe.fingerprint()).encode())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str  # column header
+    compares: str  # what the column compares, and across which rows
+    higher_is_better: bool
+    digits: int  # decimals shown
+    applies: Callable[[Subject], str | None]
+    compute: Callable[[Subject, Bench], dict[str, Any]] | None
+    missing: str = ""  # reason shown while ``compute`` is None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "compares": self.compares,
+                "higher_is_better": self.higher_is_better, "digits": self.digits}
+
+
+# ----------------------------------------------------------------------- the metrics
+def _left_to_right(s: Subject) -> str | None:
+    if s.architecture in LEFT_TO_RIGHT:
+        return None
+    return "encoders and encoder-decoders cannot score text left to right"
+
+
+def _bits_per_byte(s: Subject, bench: Bench) -> dict[str, Any]:
+    out = bits_per_byte(s.model, bench.rows, s.specials, bench.byte_lengths, bench.device)
+    return {"value": out["bits_per_byte"], "bytes": out["bytes"]}
+
+
+def _masked(s: Subject) -> str | None:
+    if s.architecture == "encoder":
+        return None
+    return "only a masked-LM encoder predicts masked tokens in place"
+
+
+def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
+    # The run's own held-out evaluation: top-1 accuracy on the masked positions it scores.
+    return {"value": s.eval.get("accuracy"), "targets": s.eval.get("targets")}
+
+
+def _infilling(s: Subject) -> str | None:
+    return None if s.objective in INFILLING else \
+        f"not an infilling objective (those are {', '.join(INFILLING)})"
+
+
+def _drafting(s: Subject) -> str | None:
+    return None if s.objective in DRAFTING else \
+        f"no draft heads to speculate with (only {', '.join(DRAFTING)} trains them)"
+
+
+def _always(s: Subject) -> str | None:
+    return None
+
+
+def _probe(s: Subject, bench: Bench) -> dict[str, Any]:
+    if isinstance(bench.probe, str):
+        return {"value": None, "reason": bench.probe}
+    features = pooled_states(s.model, s.architecture, bench.probe, bench.device)
+    res = probe_accuracy(features, bench.probe)
+    return {"value": res.pop("accuracy"), **res}
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("bits_per_byte", "held-out bits/byte",
+           "left-to-right models only: nats per UTF-8 byte of the same held-out text, scored "
+           "left to right (tokenizer-independent)", False, 3, _left_to_right, _bits_per_byte),
+    Metric("masked_token_accuracy", "masked-token acc.",
+           "masked-LM encoders only: top-1 accuracy on the masked positions of held-out rows",
+           True, 3, _masked, _masked_accuracy),
+    Metric("infill_exact_match", "infill exact match",
+           "infilling objectives only: share of held-out middles reproduced exactly",
+           True, 3, _infilling, None,
+           missing="no infilling exact-match function is registered in this build "
+                   "(lmobjectives.compare.measure.METRICS['infill_exact_match'].compute)"),
+    Metric("speculative_speedup", "speculative speedup",
+           "models with draft heads only: decoding speed with self-speculation over plain "
+           "greedy decoding, same outputs", True, 2, _drafting, None,
+           missing="no speculative-decoding function is registered in this build "
+                   "(lmobjectives.compare.measure.METRICS['speculative_speedup'].compute)"),
+    Metric("probe_accuracy", "probe accuracy",
+           "every model: linear probe on frozen mean-pooled hidden states, same held-out "
+           "windows, same split", True, 3, _always, _probe),
+)}
+
+
+# ----------------------------------------------------------------------- measuring
+def measure_key(final_dir: Path, bench: Bench, metrics: dict[str, Metric]) -> str:
+    return stable_hash({"version": MEASURE_VERSION, "weights": sha256_file(final_dir / "model.safetensors"),
+                        "bench": bench.fingerprint(),
+                        "computed": sorted(n for n, m in metrics.items() if m.compute is not None)})
+
+
+def measure(s: Subject, bench: Bench, metrics: dict[str, Metric] | None = None) -> dict[str, Any]:
+    """Every metric for one run: {"value": x, ...} or {"value": None, "reason": why}."""
+    metrics = METRICS if metrics is None else metrics
+    out: dict[str, Any] = {}
+    for name, m in metrics.items():
+        reason = m.applies(s)
+        if reason is not None:
+            out[name] = {"value": None, "reason": reason}
+        elif m.compute is None:
+            out[name] = {"value": None, "reason": m.missing}
+        else:
+            out[name] = m.compute(s, bench)
+    return out
+
+
+def read_measure(run_dir: Path) -> dict[str, Any] | None:
+    f = Path(run_dir) / "measure.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_measure(run_dir: Path, key: str, parameters: int, values: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / "measure.json",
+                      {"key": key, "parameters": parameters, "metrics": values})

@@ -84,6 +84,7 @@ def test_compare_end_to_end_and_reuse(two_source_store, tmp_path):
         m = json.loads((out / "runs" / label / "measure.json").read_text())["metrics"]
         acc = m["probe_accuracy"]
         assert 0.0 <= acc["value"] <= 1.0 and 0.0 <= acc["baseline"] <= 1.0 and acc["n_test"] > 0
+        assert 0.0 <= acc["at_init"] <= 1.0
     assert plan["probe"]["classes"] == ["code", "prose"]
     signal = {r[0]: float(r[1]) for r in table_rows(md, "Own-objective losses")[2:]}
     assert signal["clm"] > 0.8 and 0.08 < signal["mlm"] < 0.25
@@ -148,3 +149,26 @@ def test_cli_user_error_is_one_line(tmp_path, monkeypatch, capsys):
         cli.main()
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: pass --corpus or --data, not both"]
+
+
+def test_probe_labels_from_subdirectories_or_says_why_not(tmp_path):
+    from lmobjectives.compare.probe import build_probe_data
+    from lmobjectives.store.prepare import prepare_store
+    from lmobjectives.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    root = tmp_path / "c"
+    for sub, word in (("law", "contract clause party"), ("med", "patient dose symptom")):
+        (root / sub).mkdir(parents=True)
+        for i in range(12):
+            (root / sub / f"{i}.txt").write_text(f"{word} {i} " * (5 + i))
+    store = prepare_store([str(root)], tok, tmp_path / "s", val_fraction=0.5, progress=False)
+    data = build_probe_data(store, tok, 16, pad=1)
+    assert not isinstance(data, str), data
+    assert data.classes == ("law", "med")
+    assert data.documents["law"] == data.documents["med"] >= 2  # as many documents per class
+    assert data.is_test.any() and (~data.is_test).any()
+
+    flat = prepare_store([str(root / "law")], tok, tmp_path / "f", val_fraction=0.5, progress=False)
+    reason = build_probe_data(flat, tok, 16, pad=1)
+    assert isinstance(reason, str) and "at least two sources" in reason

@@ -166,6 +166,14 @@ def plan_runs(entries: list[Entry], tree: dict[str, Any], budget: int, tokenizer
     return plans
 
 
+def _store_summary(store_path: str) -> dict[str, Any]:
+    from lmobjectives.store.store import TokenStore
+
+    m = TokenStore(store_path).manifest
+    return {"corpus": m.get("corpus", []), "documents": m["documents"], "tokens": m["tokens"],
+            "val_documents": m["splits"]["val"]["documents"], "fingerprint": m["fingerprint"]}
+
+
 # ---------------------------------------------------------------------------- training
 def train_or_reuse(cfg: RunConfig, *, overwrite: bool, progress: bool,
                    say: Callable[[str], None]) -> str:
@@ -209,11 +217,18 @@ def make_bench(store_path: str, tokenizer: Any, specials: Any, cfg: RunConfig, d
     rows = val_batches(src, cfg.train.batch_size, cfg.train.eval_batches)
     probe = build_probe_data(store, tokenizer, cfg.data.seq_len, specials.pad,
                              encoding=cfg.data.encoding, text_field=cfg.data.text_field)
-    return Bench(rows=rows, byte_lengths=token_byte_lengths(tokenizer), probe=probe, device=device)
+    return Bench(rows=rows, byte_lengths=token_byte_lengths(tokenizer), probe=probe, device=device,
+                 table=table, pad=specials.pad, batch_size=cfg.train.batch_size,
+                 seq_len=cfg.data.seq_len)
 
 
-def measure_run(entry: Entry, run_dir: Path, bench: Bench, say: Callable[[str], None]) -> None:
+def measure_run(entry: Entry, cfg: RunConfig, bench: Bench, say: Callable[[str], None]) -> None:
+    from transformers.utils import logging as hf_logging
+
     from lmobjectives.infer.load import load_model
+
+    hf_logging.disable_progress_bar()
+    run_dir = Path(cfg.out)
 
     key = measure_key(run_dir / "final", bench, METRICS)
     done = read_measure(run_dir)
@@ -224,13 +239,59 @@ def measure_run(entry: Entry, run_dir: Path, bench: Bench, say: Callable[[str], 
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     subject = Subject(key=entry.key, objective=entry.objective, architecture=loaded.architecture,
                       run_dir=run_dir, model=model, specials=loaded.specials,
-                      tokenizer=loaded.tokenizer, eval=ev)
+                      tokenizer=loaded.tokenizer, eval=ev, seed=cfg.train.seed,
+                      transform=build_objective(cfg.objective, dict(cfg.objective_params),
+                                                loaded.specials, tokenizer=loaded.tokenizer))
     say(f"measuring {entry.label}")
     values = measure(subject, bench)
     write_measure(run_dir, key, sum(p.numel() for p in model.parameters()), values)
 
 
 # ---------------------------------------------------------------------------- the command
+def registered(entries: list[Entry], skipped: dict[str, str], say: Callable[[str], None]) -> list[Entry]:
+    """The entries whose objective this build has; the others go to ``skipped`` with why."""
+    keep = []
+    for e in entries:
+        if e.objective not in OBJECTIVES:
+            skipped[e.label] = (f"objective '{e.objective}' is not registered in this build "
+                                f"(registered: {', '.join(OBJECTIVES)})")
+            say(f"skipping {e.label}: {skipped[e.label]}")
+            continue
+        known = objective_class(e.objective).architectures
+        if e.architecture is not None and e.architecture not in known:
+            raise UserError(f"objective '{e.objective}' trains {', '.join(known)}, not '{e.architecture}'")
+        keep.append(e)
+    if not keep:
+        raise UserError("none of the objectives asked for is registered in this build")
+    return keep
+
+
+def write_plan(out: Path, shared: RunConfig, budget: int, plans: list[tuple[Entry, RunConfig, int]],
+               result: CompareResult, bench: Bench, command: str | None) -> None:
+    """``DIR/compare.json``: everything the report needs besides the run directories."""
+    from lmobjectives.util import atomic_write_json
+
+    t = shared.train
+    atomic_write_json(out / "compare.json", {
+        "command": command,
+        "preset": shared.model.preset,
+        "seq_len": shared.data.seq_len,
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "seed": t.seed,
+        "lr": t.lr,
+        "store": shared.data.store,
+        "data": _store_summary(shared.data.store),
+        "budget_tokens": budget,
+        "runs": [{"label": e.label, "objective": e.objective, "run_dir": f"runs/{e.key}",
+                  "steps": cfg.train.steps, "row_length": row, "status": result.runs[e.label]}
+                 for e, cfg, row in plans],
+        "skipped": result.skipped,
+        "probe": bench.probe if isinstance(bench.probe, str) else bench.probe.describe(),
+        "metrics": [m.describe() for m in METRICS.values()],
+    })
+
+
 def compare(
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     *,
@@ -265,20 +326,7 @@ def compare(
         raise UserError("--steps and --tokens must be at least 1")
     out = Path(out)
     result = CompareResult(out=out)
-    entries = []
-    for e in parse_objectives(objectives):
-        if e.objective not in OBJECTIVES:
-            result.skipped[e.label] = f"objective '{e.objective}' is not registered in this build " \
-                                      f"(registered: {', '.join(OBJECTIVES)})"
-            say(f"skipping {e.label}: {result.skipped[e.label]}")
-            continue
-        arch = e.architecture
-        if arch is not None and arch not in objective_class(e.objective).architectures:
-            raise UserError(f"objective '{e.objective}' trains "
-                            f"{', '.join(objective_class(e.objective).architectures)}, not '{arch}'")
-        entries.append(e)
-    if not entries:
-        raise UserError("none of the objectives asked for is registered in this build")
+    entries = registered(parse_objectives(objectives), result.skipped, say)
 
     tree = base_tree(preset=preset, seq_len=seq_len, batch_size=batch_size, seed=seed, lr=lr,
                      tokenizer=tokenizer, sets=sets)
@@ -300,27 +348,8 @@ def compare(
 
     bench = make_bench(shared.data.store, tok, specials, shared, select_device())
     for e, cfg, _ in plans:
-        measure_run(e, Path(cfg.out), bench, say)
+        measure_run(e, cfg, bench, say)
 
-    from lmobjectives.util import atomic_write_json
-
-    plan = {
-        "command": command,
-        "preset": shared.model.preset,
-        "seq_len": shared.data.seq_len,
-        "batch_size": t.batch_size,
-        "grad_accum": t.grad_accum,
-        "seed": t.seed,
-        "lr": t.lr,
-        "store": shared.data.store,
-        "budget_tokens": budget,
-        "runs": [{"label": e.label, "objective": e.objective, "run_dir": f"runs/{e.key}",
-                  "steps": cfg.train.steps, "row_length": row, "status": result.runs[e.label]}
-                 for e, cfg, row in plans],
-        "skipped": result.skipped,
-        "probe": bench.probe if isinstance(bench.probe, str) else bench.probe.describe(),
-        "metrics": [m.describe() for m in METRICS.values()],
-    }
-    atomic_write_json(out / "compare.json", plan)
+    write_plan(out, shared, budget, plans, result, bench, command)
     result.report_md, result.report_html = write_report(out)
     return result

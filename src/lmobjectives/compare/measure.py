@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +37,8 @@ from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
 from lmobjectives.objectives.base import Rows
 from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
-MEASURE_VERSION = 1
+MEASURE_VERSION = 3
+THROUGHPUT_STEPS = 5
 # Objectives that train the model to produce a missing middle given its surroundings.
 INFILLING = ("fim", "span", "ul2")
 # Objectives whose model carries draft heads for self-speculative decoding.
@@ -55,6 +57,8 @@ class Subject:
     specials: Any  # SpecialIds
     tokenizer: Any
     eval: dict[str, Any]  # the run's eval.json
+    transform: Any = None  # the run's Objective instance (for timing a training step)
+    seed: int = 0  # the run's seed (weights at initialisation)
 
 
 @dataclass
@@ -65,6 +69,17 @@ class Bench:
     byte_lengths: np.ndarray  # (V,) UTF-8 bytes per token id
     probe: ProbeData | str  # the probe's data, or why there is no probe
     device: torch.device
+    table: Any = None  # the validation DocTable, for rows of another length
+    pad: int = 1
+    batch_size: int = 1
+    seq_len: int = 1
+
+    def rows_of(self, length: int) -> Rows:
+        """One batch of validation rows of ``length`` tokens (the first, unshuffled)."""
+        from lmobjectives.data.loader import PackedSource
+
+        src = PackedSource(self.table, length, seed=0, pad=self.pad, shuffle=False)
+        return src.rows(np.arange(self.batch_size) % src.rows_per_epoch)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -127,15 +142,67 @@ def _always(s: Subject) -> str | None:
     return None
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
+    """Corpus tokens per second of one training step — objective transform, converter,
+    forward, backward (no optimizer update, whose cost only follows the parameter count) —
+    timed for every run back to back on the same machine, so the runs' own logs, written
+    at different times under different machine load, are not what is compared."""
+    from lmobjectives.data.converters import CONVERTERS
+    from lmobjectives.train.module import StandardModule, to_torch
+
+    rows = bench.rows_of(s.transform.row_length(bench.seq_len))
+    module = StandardModule(s.model, s.architecture)
+    was_training = s.model.training
+    s.model.train()
+    times = []
+    try:
+        for i in range(THROUGHPUT_STEPS + 1):  # the first step warms caches and is dropped
+            _sync(bench.device)
+            start = time.perf_counter()
+            batch = CONVERTERS[s.architecture](s.transform(rows, np.random.default_rng([0, i])), s.specials)
+            n = module.counts(batch)
+            module.forward_backward(to_torch(batch, bench.device), torch.as_tensor(n, dtype=torch.float32))
+            _sync(bench.device)
+            times.append(time.perf_counter() - start)
+            s.model.zero_grad(set_to_none=True)
+    finally:
+        s.model.train(was_training)
+    step = float(np.median(times[1:]))
+    return {"value": rows.tokens.size / step, "seconds_per_step": step, "rows": int(rows.tokens.shape[0])}
+
+
+def untrained_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A freshly initialised model of the same class and config (the run's starting point
+    when it trained from scratch with ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(model.config)
+    return fresh.to(next(model.parameters()).device)
+
+
 def _probe(s: Subject, bench: Bench) -> dict[str, Any]:
+    """Probe accuracy of the trained model, and of the same architecture untrained: mean
+    pooling of random features already separates sources by their token statistics, so
+    the difference is what training added."""
     if isinstance(bench.probe, str):
         return {"value": None, "reason": bench.probe}
-    features = pooled_states(s.model, s.architecture, bench.probe, bench.device)
-    res = probe_accuracy(features, bench.probe)
-    return {"value": res.pop("accuracy"), **res}
+    res = probe_accuracy(pooled_states(s.model, s.architecture, bench.probe, bench.device), bench.probe)
+    fresh = untrained_copy(s.model, s.seed)
+    init = probe_accuracy(pooled_states(fresh, s.architecture, bench.probe, bench.device), bench.probe)
+    return {"value": res.pop("accuracy"), "at_init": init["accuracy"], **res}
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("train_tokens_per_second", "train tokens/s",
+           "every run: corpus tokens per second of a training step (objective transform, "
+           f"forward, backward; median of {THROUGHPUT_STEPS}), timed back to back after training "
+           "on the same machine; the three families' parameter counts differ", True, 0,
+           _always, _throughput),
     Metric("bits_per_byte", "held-out bits/byte",
            "left-to-right models only: nats per UTF-8 byte of the same held-out text, scored "
            "left to right (tokenizer-independent)", False, 3, _left_to_right, _bits_per_byte),

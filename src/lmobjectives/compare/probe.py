@@ -5,9 +5,11 @@ Task. The labels come from the data itself: the corpus arguments a store was pre
 (``default`` counts as its two parts, ``default:code`` and ``default:prose``); with a single
 directory, its first-level subdirectories. Examples are windows of ``seq_len`` tokens from
 the store's *validation* documents (no model trained on them), at most
-``WINDOWS_PER_DOC`` per document so long files do not dominate. Train and test examples come
-from different documents (every third document of each class is a test document), so the
-probe cannot score by recognising a document it has seen.
+``WINDOWS_PER_DOC`` per document so long files do not dominate, and the same number of
+documents from every class (spread over the class's documents) so the majority baseline
+stays near 1/classes. Train and test examples come from different documents (every third
+chosen document of each class is a test document), so the probe cannot score by
+recognising a document it has seen.
 
 Features. Each model reads a window the way its architecture reads an input: a decoder
 causally, a prefix-LM decoder and an encoder bidirectionally, an encoder-decoder with its
@@ -43,7 +45,7 @@ from lmobjectives.corpus.default import DEFAULT_CORPUS, PARTS
 from lmobjectives.store.store import TokenStore, is_val
 from lmobjectives.tokenizer import encode_data
 
-WINDOWS_PER_DOC = 4
+WINDOWS_PER_DOC = 8
 MIN_WINDOW = 16  # tokens; a shorter document is too little text to classify
 TEST_EVERY = 3  # every third document of a class is a test document
 L2 = 1e-2
@@ -157,19 +159,22 @@ def build_probe_data(store: TokenStore, tokenizer: Any, seq_len: int, pad: int, 
             labels.append(classes.index(label))
             doc_of.append(d)
     labels_a, doc_a = np.asarray(labels, dtype=np.int64), np.asarray(doc_of)
+    docs_by_class = [np.unique(doc_a[labels_a == c]) for c in range(len(classes))]  # corpus order
+    n_docs = min(len(d) for d in docs_by_class)
+    if n_docs < 2:
+        return ("the probe needs at least two held-out documents of every source; "
+                f"{', '.join(f'{c}: {len(d)}' for c, d in zip(classes, docs_by_class))} "
+                "(raise data.val_fraction)")
+    keep = np.zeros(len(labels_a), dtype=bool)
     is_test = np.zeros(len(labels_a), dtype=bool)
-    per_class = {}
-    for c, name in enumerate(classes):
-        docs_c = np.unique(doc_a[labels_a == c])  # documents in corpus order
-        per_class[name] = int(len(docs_c))
-        if len(docs_c) < 2:
-            return (f"the probe needs at least two held-out documents of every source; "
-                    f"'{name}' has {len(docs_c)} (raise data.val_fraction)")
-        test_docs = docs_c[::TEST_EVERY]
-        is_test |= np.isin(doc_a, test_docs)
-    return ProbeData(task=task, classes=classes, windows=np.stack(windows),
-                     lengths=np.asarray(lengths, dtype=np.int64), labels=labels_a, is_test=is_test,
-                     documents=per_class)
+    for docs_c in docs_by_class:
+        # The same number of documents from every class, spread over the class's documents.
+        chosen = docs_c[np.linspace(0, len(docs_c) - 1, n_docs).round().astype(int)]
+        keep |= np.isin(doc_a, chosen)
+        is_test |= np.isin(doc_a, chosen[::TEST_EVERY])
+    return ProbeData(task=task, classes=classes, windows=np.stack(windows)[keep],
+                     lengths=np.asarray(lengths, dtype=np.int64)[keep], labels=labels_a[keep],
+                     is_test=is_test[keep], documents={c: n_docs for c in classes})
 
 
 # ------------------------------------------------------------------------------ features

@@ -51,9 +51,6 @@ RUN_COLUMNS = (
     Column("signal_fraction", "signal fraction",
            "every run: scored target tokens / corpus tokens read (the share of the data that "
            "carries a training signal)", True, 3),
-    Column("tokens_per_second", "train tokens/s",
-           "every run: corpus tokens read per second of a training step, median over steps "
-           "(same machine and preset name; the three families' parameter counts differ)", True, 0),
 )
 OWN_COLUMNS = (
     Column("final_train_loss", "final train loss",
@@ -100,9 +97,6 @@ def run_row(out: Path, entry: dict[str, Any], metric_names: list[str]) -> Row:
     if train:
         per_step = row.tokens / max(row.steps, 1)  # tokens read per step: a constant per run
         row.values["signal_fraction"] = statistics.fmean(r["targets"] for r in train) / per_step
-        speeds = [r["tokens_per_second"] for r in train if "tokens_per_second" in r]
-        speeds = speeds[1:] if len(speeds) > 1 else speeds  # step 1 pays one-time warm-up
-        row.values["tokens_per_second"] = statistics.median(speeds) if speeds else None
         tail = train[-max(1, round(len(train) * FINAL_FRACTION)):]
         row.values["final_train_loss"] = statistics.fmean(r["loss"] for r in tail)
         row.curve = ([r["tokens"] for r in train], [r["loss"] for r in train])
@@ -170,16 +164,21 @@ def paragraph(row: Row, rows: list[Row], columns: list[Column]) -> str:
         rank, n, tied = rk
         v = fmt(row.values[col.name], col.digits)
         extra = ""
-        if col.name == "probe_accuracy" and "baseline" in row.extras.get(col.name, {}):
-            extra = f", majority baseline {fmt(row.extras[col.name]['baseline'], col.digits)}"
+        if col.name == "probe_accuracy":
+            ex = row.extras.get(col.name, {})
+            if ex.get("at_init") is not None:
+                extra += f", untrained {fmt(ex['at_init'], col.digits)}"
+            if ex.get("baseline") is not None:
+                extra += f", majority baseline {fmt(ex['baseline'], col.digits)}"
+        where = f"{col.label} ({v}{extra}; {'tied ' if tied else ''}{ordinal(rank)} of {n})"
         if n == 1:
             only.append(f"{col.label} ({v}{extra})")
         elif rank == 1:
-            best.append(f"{col.label} ({v}{extra}; {'tied ' if tied else ''}1st of {n})")
+            best.append(where)
         elif rank == n:
-            worst.append(f"{col.label} ({v}{extra}; {ordinal(rank)} of {n})")
+            worst.append(where)
         else:
-            middle.append(f"{col.label} ({v}{extra}; {ordinal(rank)} of {n})")
+            middle.append(where)
     params = f"{row.parameters / 1e6:.1f} M parameters, " if row.parameters else ""
     parts = [f"**{row.label}** ({row.architecture.replace('_', '-')}, {params}{row.steps} steps):"]
     clauses = []
@@ -238,15 +237,23 @@ def build_doc(plan: dict[str, Any], rows: list[Row], columns: list[Column]) -> D
         add(("code", plan["command"]))
     row_lengths = sorted({r.row_length for r in rows} - {plan["seq_len"]})
     longer = [r.label for r in rows if r.row_length != plan["seq_len"]]
+    data = plan.get("data") or {}
+    where = f"`{plan['store']}`"
+    if data:
+        where += (f", prepared from {', '.join(f'`{c}`' for c in data['corpus']) or 'an unnamed corpus'}: "
+                  f"{data['documents']:,} documents, {data['tokens']:,} tokens, "
+                  f"{data['val_documents']:,} documents held out; fingerprint {data['fingerprint'][:12]}")
     budget = (f"Every run reads {plan['budget_tokens']:,} corpus tokens from the same store "
-              f"(`{plan['store']}`), preset `{plan['preset']}` for each model family, seq_len "
+              f"({where}), preset `{plan['preset']}` for each model family, seq_len "
               f"{plan['seq_len']}, {plan['batch_size'] * plan['grad_accum']} rows per step, peak "
               f"lr {plan['lr']:g}, seed {plan['seed']}. Tokens are counted as the packed rows the "
               "loader serves (`tokens` in each run's metrics.jsonl, padding at epoch ends included).")
     if longer:
-        budget += (f" {', '.join(longer)} read longer rows ({', '.join(map(str, row_lengths))} "
-                   "tokens) because their inputs shrink when spans collapse into sentinels, so they "
-                   "take fewer steps for the same tokens.")
+        one = len(longer) == 1
+        budget += (f" {', '.join(longer)} {'reads' if one else 'read'} longer rows "
+                   f"({', '.join(map(str, row_lengths))} tokens) because {'its' if one else 'their'} "
+                   "inputs shrink when spans collapse into sentinels, so "
+                   f"{'it takes' if one else 'they take'} fewer steps for the same tokens.")
     add(("p", budget))
     if plan.get("skipped"):
         add(("p", "Not run: " + "; ".join(f"`{k}` — {v}" for k, v in plan["skipped"].items()) + "."))
@@ -283,11 +290,26 @@ def build_doc(plan: dict[str, Any], rows: list[Row], columns: list[Column]) -> D
         docs = ", ".join(f"{k}: {v}" for k, v in probe["documents"].items())
         baselines = {round(r.extras.get("probe_accuracy", {}).get("baseline", -1), 6) for r in rows} - {-1}
         base = f" The majority-class baseline is {fmt(next(iter(baselines)), 3)}." if len(baselines) == 1 else ""
-        add(("p", f"Task: {probe['task']}. Held-out documents per class — {docs}; "
+        add(("p", f"Task: {probe['task']}. Held-out documents used per class (the same number for each) — {docs}; "
                   f"{probe['train_windows']} training and {probe['test_windows']} test windows of up "
                   f"to {probe['window_tokens']} tokens, train and test from different documents. A "
                   "logistic regression reads each model's frozen, mean-pooled last hidden states "
                   "(an encoder-decoder's encoder)." + base))
+        probe_rows = []
+        for r in rows:
+            got = r.values.get("probe_accuracy")
+            init = r.extras.get("probe_accuracy", {}).get("at_init")
+            gain = None if got is None or init is None else got - init
+            probe_rows.append([r.label, fmt(got, 3), fmt(init, 3),
+                               "n/a" if gain is None else f"{gain:+.3f}"])
+        add(("table", ["objective", "probe accuracy", "same architecture, untrained", "gain from training"],
+             probe_rows))
+        n_test = probe["test_windows"]
+        se = 0.5 / n_test ** 0.5  # the largest binomial standard error, at accuracy 0.5
+        add(("p", "Mean pooling of even random features separates sources by their token "
+                  "statistics, so the untrained column is the reference: the gain is what "
+                  f"pre-training added. With {n_test} test windows one standard error of an "
+                  f"accuracy is up to {se:.3f}; smaller differences are noise."))
     else:
         add(("p", f"No probe: {probe}."))
 
@@ -422,6 +444,11 @@ def plot_loss_curves(rows: list[Row], path: Path) -> Path:
     ax.set_xlabel("corpus tokens read")
     ax.set_ylabel("own-objective training loss (nats / scored token)")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.yaxis,):  # plain numbers on the log axis, major and minor ticks
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
     ax.set_title("Training loss per objective (levels do not compare across objectives)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -436,8 +463,9 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # A column with a single value ranks nothing: it stays in the table, out of the charts.
     shown = [c for c in columns if c.higher_is_better is not None
-             and any(r.values.get(c.name) is not None for r in rows)]
+             and sum(r.values.get(c.name) is not None for r in rows) >= 2]
     ncols = 2
     nrows = max(1, -(-len(shown) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(10, 3.2 * nrows), squeeze=False)
@@ -445,8 +473,11 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
     for ax, col in zip(axes.flat, shown):
         vals = [r.values.get(col.name) for r in rows]
         xs = range(len(rows))
-        ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None],
-               color="#4c72b0")
+        bars = ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None],
+                      color="#4c72b0")
+        ax.bar_label(bars, labels=[fmt(v, col.digits) for v in vals if v is not None], fontsize=7,
+                     padding=2)
+        ax.margins(y=0.15)
         for x, v in zip(xs, vals):
             if v is None:
                 ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=8, color="#888")
@@ -455,7 +486,12 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
             base = [b for b in base if b is not None]
             if base:
                 ax.axhline(base[0], ls="--", color="#c44", lw=1, label="majority baseline")
-                ax.legend(fontsize=8)
+            init = [(x, r.extras.get(col.name, {}).get("at_init")) for x, r in zip(xs, rows)]
+            init = [(x, v) for x, v in init if v is not None]
+            if init:
+                ax.scatter([x for x, _ in init], [v for _, v in init], marker="_", s=400,
+                           color="black", zorder=3, label="untrained")
+            ax.legend(fontsize=8, loc="lower right")
         ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{col.label} ({'higher' if col.higher_is_better else 'lower'} is better)", fontsize=10)
         ax.grid(alpha=0.3, axis="y")

@@ -10,9 +10,13 @@ a call into the library). A metric that applies but has no ``compute`` yet is re
 
 Every run is measured on the same held-out text (``Bench``): bits-per-byte on the first
 validation rows of ``seq_len`` tokens (whatever row length the objective trained on), the
-probe on the same windows for every model. Results go to ``RUN/measure.json`` with a key
-hashing the final weights, the bench and the metrics computed, so a re-run measures only
-what changed.
+probe on the same windows for every model, and training throughput timed on the first
+validation rows of the objective's own row length, all runs back to back. Results go to
+``RUN/measure.json`` with a key hashing the final weights, the bench and the metrics
+computed, so a re-run measures only what changed (a plugged-in metric included).
+
+Trade-off: timing throughput here, rather than reading it from each run's log, costs a few
+steps per run but compares runs under the same machine load.
 
 Worked example of an entry in ``measure.json``::
 

@@ -395,6 +395,41 @@ def show(
     _print_json(shown) if json_out else print(render(shown, tok))
 
 
+@app.command()
+def compare(
+    objectives: str = typer.Option("clm,mlm,span,ul2,prefix,fim,mtp",
+                                   help="Comma-separated; OBJ@ARCH picks another architecture (span@prefix_lm)."),
+    corpus: Optional[List[str]] = typer.Option(None, help="Corpus path (repeatable); default: the embedded corpus."),
+    data: Optional[str] = typer.Option(None, help="A prepared token store (instead of --corpus)."),
+    tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory."),
+    preset: str = typer.Option("small", help="Model size for every family: tiny, small, base."),
+    steps: Optional[int] = typer.Option(None, help="Budget: this many steps of seq_len rows (default 150)."),
+    tokens: Optional[int] = typer.Option(None, help="Budget: corpus tokens each run reads."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch."),
+    seq_len: Optional[int] = typer.Option(None, help="Sequence length."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (the same for every run)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and objectives."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="A shared config key: --set train.warmup_fraction=0.1."),
+    out: str = typer.Option("runs/compare", help="Directory for the runs and the report."),
+    overwrite: bool = typer.Option(False, help="Retrain runs whose config differs from this one."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train one model per objective under an equal token budget and write a report."""
+    from lmobjectives.compare import compare as run_compare
+
+    res = run_compare(objectives.split(","), corpus=corpus or None, store=data, tokenizer=tokenizer,
+                      preset=preset, steps=steps, tokens=tokens, batch_size=batch_size,
+                      seq_len=seq_len, lr=lr, seed=seed, sets=set_ or [], out=out,
+                      overwrite=overwrite, progress=not json_out,
+                      command="lmobj " + " ".join(sys.argv[1:]))
+    summary = {"out": str(res.out), "runs": res.runs, "skipped": res.skipped,
+               "report_md": str(res.report_md), "report_html": str(res.report_html)}
+    if json_out:
+        _print_json(summary)
+    else:
+        _say(f"report: {res.report_md} and {res.report_html}")
+
+
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 

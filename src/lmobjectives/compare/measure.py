@@ -1,0 +1,266 @@
+"""Measurements of finished runs on one shared held-out bench, metric by metric.
+
+``METRICS`` is the table of optional metrics, keyed by name. Each says which runs it applies
+to (``applies`` returns None, or the reason it does not), and how to compute it (``compute``,
+a call into the library). A metric that applies but has no ``compute`` yet is reported as
+"n/a" with ``missing`` as the reason — that is where a new measurement plugs in::
+
+    METRICS["infill_exact_match"] = dataclasses.replace(
+        METRICS["infill_exact_match"], compute=lambda s, bench: {"value": ...})
+
+Every run is measured on the same held-out text (``Bench``): bits-per-byte on the first
+validation rows of ``seq_len`` tokens (whatever row length the objective trained on), the
+probe on the same windows for every model, and training throughput timed on the first
+validation rows of the objective's own row length, all runs back to back. Results go to
+``RUN/measure.json`` with a key hashing the final weights, the bench and the metrics
+computed, so a re-run measures only what changed (a plugged-in metric included).
+
+Trade-off: timing throughput here, rather than reading it from each run's log, costs a few
+steps per run but compares runs under the same machine load.
+
+Worked example of an entry in ``measure.json``::
+
+    {"bits_per_byte": {"value": 2.41}, "masked_token_accuracy":
+     {"value": null, "reason": "only a masked-LM encoder predicts masked tokens in place"}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from lmobjectives.compare.probe import ProbeData, pooled_states, probe_accuracy
+from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
+from lmobjectives.objectives.base import Rows
+from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
+
+MEASURE_VERSION = 3
+THROUGHPUT_STEPS = 5
+# Objectives that train the model to produce a missing middle given its surroundings.
+INFILLING = ("fim", "span", "ul2")
+# Objectives whose model carries draft heads for self-speculative decoding.
+DRAFTING = ("mtp",)
+
+
+@dataclass
+class Subject:
+    """One finished run, loaded for measurement."""
+
+    key: str
+    objective: str
+    architecture: str
+    run_dir: Path
+    model: torch.nn.Module
+    specials: Any  # SpecialIds
+    tokenizer: Any
+    eval: dict[str, Any]  # the run's eval.json
+    transform: Any = None  # the run's Objective instance (for timing a training step)
+    seed: int = 0  # the run's seed (weights at initialisation)
+
+
+@dataclass
+class Bench:
+    """Held-out data shared by every run."""
+
+    rows: list[Rows]  # validation rows of seq_len tokens
+    byte_lengths: np.ndarray  # (V,) UTF-8 bytes per token id
+    probe: ProbeData | str  # the probe's data, or why there is no probe
+    device: torch.device
+    table: Any = None  # the validation DocTable, for rows of another length
+    pad: int = 1
+    batch_size: int = 1
+    seq_len: int = 1
+
+    def rows_of(self, length: int) -> Rows:
+        """One batch of validation rows of ``length`` tokens (the first, unshuffled)."""
+        from lmobjectives.data.loader import PackedSource
+
+        src = PackedSource(self.table, length, seed=0, pad=self.pad, shuffle=False)
+        return src.rows(np.arange(self.batch_size) % src.rows_per_epoch)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for r in self.rows:
+            h.update(np.ascontiguousarray(r.tokens).tobytes())
+        h.update((self.probe if isinstance(self.probe, str) else self.probe.fingerprint()).encode())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str  # column header
+    compares: str  # what the column compares, and across which rows
+    higher_is_better: bool
+    digits: int  # decimals shown
+    applies: Callable[[Subject], str | None]
+    compute: Callable[[Subject, Bench], dict[str, Any]] | None
+    missing: str = ""  # reason shown while ``compute`` is None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "compares": self.compares,
+                "higher_is_better": self.higher_is_better, "digits": self.digits}
+
+
+# ----------------------------------------------------------------------- the metrics
+def _left_to_right(s: Subject) -> str | None:
+    if s.architecture in LEFT_TO_RIGHT:
+        return None
+    return "encoders and encoder-decoders cannot score text left to right"
+
+
+def _bits_per_byte(s: Subject, bench: Bench) -> dict[str, Any]:
+    out = bits_per_byte(s.model, bench.rows, s.specials, bench.byte_lengths, bench.device)
+    return {"value": out["bits_per_byte"], "bytes": out["bytes"]}
+
+
+def _masked(s: Subject) -> str | None:
+    if s.architecture == "encoder":
+        return None
+    return "only a masked-LM encoder predicts masked tokens in place"
+
+
+def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
+    # The run's own held-out evaluation: top-1 accuracy on the masked positions it scores.
+    return {"value": s.eval.get("accuracy"), "targets": s.eval.get("targets")}
+
+
+def _infilling(s: Subject) -> str | None:
+    return None if s.objective in INFILLING else \
+        f"not an infilling objective (those are {', '.join(INFILLING)})"
+
+
+def _drafting(s: Subject) -> str | None:
+    return None if s.objective in DRAFTING else \
+        f"no draft heads to speculate with (only {', '.join(DRAFTING)} trains them)"
+
+
+def _always(s: Subject) -> str | None:
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
+    """Corpus tokens per second of one training step — objective transform, converter,
+    forward, backward (no optimizer update, whose cost only follows the parameter count) —
+    timed for every run back to back on the same machine, so the runs' own logs, written
+    at different times under different machine load, are not what is compared."""
+    from lmobjectives.data.converters import CONVERTERS
+    from lmobjectives.train.module import StandardModule, to_torch
+
+    rows = bench.rows_of(s.transform.row_length(bench.seq_len))
+    module = StandardModule(s.model, s.architecture)
+    was_training = s.model.training
+    s.model.train()
+    times = []
+    try:
+        for i in range(THROUGHPUT_STEPS + 1):  # the first step warms caches and is dropped
+            _sync(bench.device)
+            start = time.perf_counter()
+            batch = CONVERTERS[s.architecture](s.transform(rows, np.random.default_rng([0, i])), s.specials)
+            n = module.counts(batch)
+            module.forward_backward(to_torch(batch, bench.device), torch.as_tensor(n, dtype=torch.float32))
+            _sync(bench.device)
+            times.append(time.perf_counter() - start)
+            s.model.zero_grad(set_to_none=True)
+    finally:
+        s.model.train(was_training)
+    step = float(np.median(times[1:]))
+    return {"value": rows.tokens.size / step, "seconds_per_step": step, "rows": int(rows.tokens.shape[0])}
+
+
+def untrained_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A freshly initialised model of the same class and config (the run's starting point
+    when it trained from scratch with ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(model.config)
+    return fresh.to(next(model.parameters()).device)
+
+
+def _probe(s: Subject, bench: Bench) -> dict[str, Any]:
+    """Probe accuracy of the trained model, and of the same architecture untrained: mean
+    pooling of random features already separates sources by their token statistics, so
+    the difference is what training added."""
+    if isinstance(bench.probe, str):
+        return {"value": None, "reason": bench.probe}
+    res = probe_accuracy(pooled_states(s.model, s.architecture, bench.probe, bench.device), bench.probe)
+    fresh = untrained_copy(s.model, s.seed)
+    init = probe_accuracy(pooled_states(fresh, s.architecture, bench.probe, bench.device), bench.probe)
+    return {"value": res.pop("accuracy"), "at_init": init["accuracy"], **res}
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("train_tokens_per_second", "train tokens/s",
+           "every run: corpus tokens per second of a training step (objective transform, "
+           f"forward, backward; median of {THROUGHPUT_STEPS}), timed back to back after training "
+           "on the same machine; the three families' parameter counts differ", True, 0,
+           _always, _throughput),
+    Metric("bits_per_byte", "held-out bits/byte",
+           "left-to-right models only: nats per UTF-8 byte of the same held-out text, scored "
+           "left to right (tokenizer-independent)", False, 3, _left_to_right, _bits_per_byte),
+    Metric("masked_token_accuracy", "masked-token acc.",
+           "masked-LM encoders only: top-1 accuracy on the masked positions of held-out rows",
+           True, 3, _masked, _masked_accuracy),
+    Metric("infill_exact_match", "infill exact match",
+           "infilling objectives only: share of held-out middles reproduced exactly",
+           True, 3, _infilling, None,
+           missing="no infilling exact-match function is registered in this build "
+                   "(lmobjectives.compare.measure.METRICS['infill_exact_match'].compute)"),
+    Metric("speculative_speedup", "speculative speedup",
+           "models with draft heads only: decoding speed with self-speculation over plain "
+           "greedy decoding, same outputs", True, 2, _drafting, None,
+           missing="no speculative-decoding function is registered in this build "
+                   "(lmobjectives.compare.measure.METRICS['speculative_speedup'].compute)"),
+    Metric("probe_accuracy", "probe accuracy",
+           "every model: linear probe on frozen mean-pooled hidden states, same held-out "
+           "windows, same split", True, 3, _always, _probe),
+)}
+
+
+# ----------------------------------------------------------------------- measuring
+def measure_key(final_dir: Path, bench: Bench, metrics: dict[str, Metric]) -> str:
+    return stable_hash({"version": MEASURE_VERSION, "weights": sha256_file(final_dir / "model.safetensors"),
+                        "bench": bench.fingerprint(),
+                        "computed": sorted(n for n, m in metrics.items() if m.compute is not None)})
+
+
+def measure(s: Subject, bench: Bench, metrics: dict[str, Metric] | None = None) -> dict[str, Any]:
+    """Every metric for one run: {"value": x, ...} or {"value": None, "reason": why}."""
+    metrics = METRICS if metrics is None else metrics
+    out: dict[str, Any] = {}
+    for name, m in metrics.items():
+        reason = m.applies(s)
+        if reason is not None:
+            out[name] = {"value": None, "reason": reason}
+        elif m.compute is None:
+            out[name] = {"value": None, "reason": m.missing}
+        else:
+            out[name] = m.compute(s, bench)
+    return out
+
+
+def read_measure(run_dir: Path) -> dict[str, Any] | None:
+    f = Path(run_dir) / "measure.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_measure(run_dir: Path, key: str, parameters: int, values: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / "measure.json",
+                      {"key": key, "parameters": parameters, "metrics": values})

@@ -43,8 +43,11 @@ from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
 MEASURE_VERSION = 3
 THROUGHPUT_STEPS = 5
-# Objectives that train the model to produce a missing middle given its surroundings.
-INFILLING = ("fim", "span", "ul2")
+# Objectives whose model fills a missing middle from a FIM prompt (the single-line exact-match
+# task of evaluate/infill.py). span/UL2 fill sentinel spans instead, a different task.
+INFILLING = ("fim",)
+INFILL_SAMPLES = 20
+SPECULATIVE_PROMPTS, SPECULATIVE_TOKENS = 4, 48
 # Objectives whose model carries draft heads for self-speculative decoding.
 DRAFTING = ("mtp",)
 
@@ -137,6 +140,42 @@ def _infilling(s: Subject) -> str | None:
         f"not an infilling objective (those are {', '.join(INFILLING)})"
 
 
+def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    from lmobjectives.evaluate.infill import document_texts, infill_exact_match
+
+    docs = document_texts(bench.table, s.tokenizer, s.specials.eos)
+    loaded = SimpleNamespace(model=s.model, tokenizer=s.tokenizer, specials=s.specials)
+    out = infill_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len)
+    return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"]}
+
+
+def _speculative_speedup(s: Subject, bench: Bench) -> dict[str, Any]:
+    """Wall-clock tokens/s of self-speculative over plain greedy decoding on held-out prompts
+    (fixed length, no EOS stop, so both decode the same number of tokens); outputs checked equal."""
+    import time
+
+    from lmobjectives.infer.generate import generate
+    from lmobjectives.infer.speculative import speculative_generate
+
+    rows = bench.rows[0].tokens
+    prompts = [[int(t) for t in rows[i, :16] if t != bench.pad] for i in range(min(SPECULATIVE_PROMPTS, len(rows)))]
+    prompts = [p for p in prompts if p]
+    plain = spec = 0.0
+    same = True
+    for p in prompts:
+        t = time.perf_counter()
+        a = generate(s.model, p, max_new_tokens=SPECULATIVE_TOKENS)
+        plain += time.perf_counter() - t
+        t = time.perf_counter()
+        b = speculative_generate(s.model, p, max_new_tokens=SPECULATIVE_TOKENS)
+        spec += time.perf_counter() - t
+        same &= a.tokens == b.tokens
+    return {"value": plain / spec if spec else None, "identical_output": same,
+            "prompts": len(prompts), "tokens": SPECULATIVE_TOKENS}
+
+
 def _drafting(s: Subject) -> str | None:
     return None if s.objective in DRAFTING else \
         f"no draft heads to speculate with (only {', '.join(DRAFTING)} trains them)"
@@ -183,6 +222,7 @@ def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
 def untrained_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A freshly initialised model of the same class and config (the run's starting point
     when it trained from scratch with ``seed``)."""
+    model = getattr(model, "lm", model)  # an MTP model: the probe reads its plain LM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = type(model)(model.config)
@@ -214,15 +254,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "masked-LM encoders only: top-1 accuracy on the masked positions of held-out rows",
            True, 3, _masked, _masked_accuracy),
     Metric("infill_exact_match", "infill exact match",
-           "infilling objectives only: share of held-out middles reproduced exactly",
-           True, 3, _infilling, None,
-           missing="no infilling exact-match function is registered in this build "
-                   "(lmobjectives.compare.measure.METRICS['infill_exact_match'].compute)"),
+           "FIM-trained decoders only: share of held-out single lines reproduced exactly",
+           True, 3, _infilling, _infill_exact_match),
     Metric("speculative_speedup", "speculative speedup",
            "models with draft heads only: decoding speed with self-speculation over plain "
-           "greedy decoding, same outputs", True, 2, _drafting, None,
-           missing="no speculative-decoding function is registered in this build "
-                   "(lmobjectives.compare.measure.METRICS['speculative_speedup'].compute)"),
+           "greedy decoding, same outputs", True, 2, _drafting, _speculative_speedup),
     Metric("probe_accuracy", "probe accuracy",
            "every model: linear probe on frozen mean-pooled hidden states, same held-out "
            "windows, same split", True, 3, _always, _probe),

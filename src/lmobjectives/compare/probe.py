@@ -181,6 +181,7 @@ def build_probe_data(store: TokenStore, tokenizer: Any, seq_len: int, pad: int, 
 def _backbone_states(model: torch.nn.Module, architecture: str, ids: torch.Tensor,
                      valid: torch.Tensor) -> torch.Tensor:
     """Last hidden states (B, L, D) of ``ids`` read as the architecture reads an input."""
+    model = getattr(model, "lm", model)  # an MTP model: its plain causal LM (trunk + head 1)
     if architecture == "encoder_decoder":
         return model.get_encoder()(input_ids=ids, attention_mask=valid.long()).last_hidden_state
     if architecture == "encoder":

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from lmobjectives.corpus import iter_documents
 from lmobjectives.data.loader import Loader, PackedSource

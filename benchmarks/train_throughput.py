@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmobjectives.config import build_config
-from lmobjectives.data.loader import Loader, PackedSource
+from lmobjectives.data.loader import PackedSource
 from lmobjectives.models.presets import build_model, count_parameters
 from lmobjectives.store.store import TokenStore, write_store
 from lmobjectives.tokenizer.special import SpecialIds

@@ -25,7 +25,7 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     from lmobjectives.data.loader import PackedSource
     from lmobjectives.infer.load import load_model
     from lmobjectives.train.api import load_run_config
-    from lmobjectives.train.setup import Source, open_run
+    from lmobjectives.train.setup import open_run
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

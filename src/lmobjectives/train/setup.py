@@ -24,7 +24,7 @@ from lmobjectives.corpus import DEFAULT_CORPUS, iter_documents
 from lmobjectives.data.converters import CONVERTERS
 from lmobjectives.data.loader import Loader, PackedSource
 from lmobjectives.errors import UserError
-from lmobjectives.models.presets import build_model, model_class
+from lmobjectives.models.presets import build_model
 from lmobjectives.objectives import Objective, build_objective
 from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore

@@ -34,6 +34,11 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
     g = generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
                  bidirectional_prompt=loaded.architecture == "prefix_lm")
+    return generation_result(loaded, g)
+
+
+def generation_result(loaded, g) -> dict[str, Any]:  # noqa: ANN001 - Loaded, Generation
+    """What `lmobj generate --json` prints: the text (EOS dropped), the new tokens, the passes."""
     text_ids = [t for t in g.tokens if t != loaded.specials.eos]
     return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False),
             "tokens": g.tokens, "forward_passes": g.forward_passes, "stopped_by": g.stopped_by}

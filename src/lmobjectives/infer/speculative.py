@@ -271,7 +271,7 @@ def speculative_text(loaded, prompt: str, *, max_new_tokens: int = 64, temperatu
                      top_p: float = 1.0, seed: int = 0) -> dict:
     """``lmobj generate --speculative`` on a loaded run (``infer.load.Loaded``)."""
     from lmobjectives.errors import UserError
-    from lmobjectives.infer.api import prompt_ids
+    from lmobjectives.infer.api import generation_result, prompt_ids
 
     if not isinstance(loaded.model, MTPModel):
         raise UserError(f"{loaded.path} has no multi-token-prediction heads (no mtp_heads.json); "
@@ -281,9 +281,7 @@ def speculative_text(loaded, prompt: str, *, max_new_tokens: int = 64, temperatu
     ids = prompt_ids(loaded, prompt)
     g = speculative_generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,))
-    text_ids = [t for t in g.tokens if t != loaded.specials.eos]
-    return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False), "tokens": g.tokens,
-            "forward_passes": g.forward_passes, "stopped_by": g.stopped_by,
+    return {**generation_result(loaded, g),
             "acceptance_per_head": g.extras["acceptance"],
             "tokens_per_forward": g.extras["tokens_per_forward"],
             "verify_steps": g.extras["verify_steps"]}

@@ -19,6 +19,8 @@ def prompt_ids(loaded, prompt: str) -> list[int]:  # noqa: ANN001
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, speculative: bool = False) -> dict[str, Any]:
+    if not 0 < top_p <= 1:  # checked once here for plain and speculative decoding
+        raise UserError("--top-p must be in (0, 1]")
     loaded = load_model(path)
     if speculative:
         from lmobjectives.infer.speculative import speculative_text
@@ -28,8 +30,6 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
     if loaded.architecture not in ("decoder", "prefix_lm"):
         raise UserError(f"{path} is an {loaded.architecture} model; `generate` needs a decoder "
                         "(use fill-mask for encoders, infill for encoder-decoders)")
-    if not 0 < top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
     ids = prompt_ids(loaded, prompt)
     g = generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),

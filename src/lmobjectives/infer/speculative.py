@@ -269,15 +269,14 @@ def speculative_generate(model: MTPModel, prompt_ids: list[int], *, max_new_toke
 
 def speculative_text(loaded, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,  # noqa: ANN001
                      top_p: float = 1.0, seed: int = 0) -> dict:
-    """``lmobj generate --speculative`` on a loaded run (``infer.load.Loaded``)."""
+    """``lmobj generate --speculative`` on a loaded run (``infer.load.Loaded``); the caller,
+    ``infer.api.generate_text``, has checked the sampling options."""
     from lmobjectives.errors import UserError
     from lmobjectives.infer.api import generation_result, prompt_ids
 
     if not isinstance(loaded.model, MTPModel):
         raise UserError(f"{loaded.path} has no multi-token-prediction heads (no mtp_heads.json); "
                         "--speculative needs a model trained with --objective mtp")
-    if not 0 < top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
     ids = prompt_ids(loaded, prompt)
     g = speculative_generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -53,6 +53,9 @@ class TrainConfig(_Strict):
     steps: int = Field(100, ge=0)
     batch_size: int = Field(8, ge=1)  # per-device micro-batch, in rows
     grad_accum: int = Field(1, ge=1)
+    # Output head + loss over this many row chunks, so (B*T, V) logits never exist at once
+    # (loss.chunked_nll_sum); 1: in one piece; auto: chunks of at most 128 MiB of logits.
+    loss_chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = 1
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, le=1)

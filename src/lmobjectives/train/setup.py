@@ -282,11 +282,12 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     if mtp:
         from lmobjectives.train.mtp_module import MTPModule
 
-        module: TrainModule = MTPModule(model, objective, bf16=bf16)
+        module: TrainModule = MTPModule(model, objective, bf16=bf16, loss_chunks=cfg.train.loss_chunks)
     else:
         # torch.compile wraps the same parameters: checkpoints and export use the plain model.
         forward_model = torch.compile(model) if cfg.model.compile else model
-        module = StandardModule(forward_model, architecture, bf16=bf16)
+        module = StandardModule(forward_model, architecture, bf16=bf16,
+                                loss_chunks=cfg.train.loss_chunks)
     info = {"tokenizer": tok_from, "init_from": cfg.model.init_from, "init": init_info or None,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in sources}}

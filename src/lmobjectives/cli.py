@@ -55,6 +55,7 @@ def train(
     resume: Optional[str] = typer.Option(None, help="Continue this run from its newest checkpoint."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any config key: --set train.lr=1e-3."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
+    resume_if_exists: bool = typer.Option(False, help="Resume the run in --out if it holds one with this config, else start it (for torchrun --max-restarts)."),
     force: bool = typer.Option(False, help="Resume even if the config or data changed."),
     nproc: Optional[int] = typer.Option(None, help="Processes on this machine (starts torchrun; one per GPU)."),
     strategy: Optional[str] = typer.Option(None, help="Several processes: ddp (default) or fsdp."),
@@ -110,7 +111,8 @@ def train(
     if launching:
         raise typer.Exit(launch_local(nproc, sys.argv[1:]))
     result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
-                       allow_reshard=allow_reshard, progress=not json_out)
+                       allow_reshard=allow_reshard, progress=not json_out,
+                       resume_if_exists=resume_if_exists)
     if not lead:
         return
     summary = {"run_dir": str(result.run_dir), "started": result.started, "stopped": result.stopped,

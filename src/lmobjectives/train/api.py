@@ -20,11 +20,12 @@ from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objecti
                                            token_byte_lengths, val_batches)
 from lmobjectives.export import export_model
 from lmobjectives.report.plots import plot_loss
-from lmobjectives.train.distributed import (World, barrier, broadcast_object, export_final,
-                                            failures_end_every_rank, init_world, open_in_turn,
-                                            parallelize)
+from lmobjectives.train.distributed import (World, barrier, broadcast_object, eval_share,
+                                            export_final, failures_end_every_rank, init_world,
+                                            open_in_turn, parallelize)
 from lmobjectives.train.loop import Stop, Trainer
-from lmobjectives.train.setup import Run, default_run_dir, open_run, seed_everything, write_run_files
+from lmobjectives.train.setup import (Run, config_hash, default_run_dir, open_run, read_run_info,
+                                     seed_everything, write_run_files)
 from lmobjectives.util import atomic_write_json
 
 
@@ -43,11 +44,35 @@ def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
     if src is None:
         return {}
     rows = val_batches(src, run.cfg.train.batch_size, n_batches or run.cfg.train.eval_batches)
-    out = objective_eval(run, rows)
+    share, reduce = eval_share(run)
+    out = objective_eval(run, rows, share=share, reduce=reduce)
     if run.architecture in LEFT_TO_RIGHT:
         out.update(bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                                 run.device, run.bf16, by_position=True))
+                                 run.device, run.bf16, by_position=True, share=share, reduce=reduce))
     return out
+
+
+def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None, overwrite: bool) -> Path | None:
+    """``cfg.out`` when it holds a run of the same config, None when it holds none. Rank 0
+    decides for every rank: the others could otherwise see the run files it is writing."""
+    if resume is not None or overwrite:
+        raise UserError("--resume-if-exists decides between starting and resuming by itself; "
+                        "leave out --resume and --overwrite")
+    if cfg.out is None:
+        raise UserError("--resume-if-exists needs --out: the run directory to start or resume")
+    out = Path(cfg.out)
+    decision: tuple[str | None, str | None] = (None, None)  # (run to resume, error)
+    if world.rank == 0 and (out / "run.json").is_file():
+        held = read_run_info(out).get("config_hash")
+        if held == config_hash(cfg):
+            decision = (str(out), None)
+        else:
+            decision = (None, f"{out} holds a run with another config; give its own config (or "
+                              "--resume it), or choose another --out")
+    found, error = broadcast_object(decision)
+    if error is not None:
+        raise UserError(error)
+    return None if found is None else Path(found)
 
 
 def _prepare_out(run_dir: Path, overwrite: bool) -> None:
@@ -76,13 +101,18 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> R
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
           force: bool = False, allow_reshard: bool = False, progress: bool = True,
+          resume_if_exists: bool = False,
           say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> TrainResult:
     """Train ``cfg`` (or continue the run in ``resume``). Under ``torchrun`` (or
     ``lmobj train --nproc N``) every process calls this: each trains its share of every global
     batch, rank 0 writes the run's files and speaks, and a failure on one rank ends them all
-    with its message (``train/distributed.py``)."""
+    with its message (``train/distributed.py``). With ``resume_if_exists`` a run already in
+    ``cfg.out`` with the same config is continued and an empty ``cfg.out`` starts one — what
+    workers restarted by ``torchrun --max-restarts`` need."""
     world = init_world()
     with failures_end_every_rank(world):
+        if resume_if_exists:
+            resume = _existing_run(cfg, world, resume, overwrite)
         result = _train(cfg, world, resume=resume, overwrite=overwrite, force=force,
                         allow_reshard=allow_reshard, progress=progress,
                         say=say if world.rank == 0 else (lambda m: None))

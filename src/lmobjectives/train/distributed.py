@@ -43,8 +43,9 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -172,6 +173,22 @@ def parallelize(run: "Run", world: World) -> None:
         shard_model(run.model, bf16=run.bf16)
     else:
         run.module = DataParallelModule(run.module, run.device)
+
+
+def eval_share(run: "Run") -> tuple[tuple[int, int], Callable[[np.ndarray], np.ndarray]]:
+    """(share, reduce) for ``evaluate.metrics``: under DDP each rank scores every world-th
+    evaluation batch and the sums are all-reduced, so evaluation costs 1/world of a pass per
+    rank and gives the numbers of one process. Under FSDP every forward is a collective that
+    all ranks must join, so each rank scores every batch."""
+    if run.world_size == 1 or run.cfg.distributed.strategy != "ddp":
+        return (0, 1), lambda sums: sums
+
+    def reduce(sums: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(sums, dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    return (run.rank, run.world_size), reduce
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -1,0 +1,43 @@
+"""``resume_if_exists`` (``lmobj train --resume-if-exists``): an empty --out starts a run, a
+run of the same config is continued, a run of another config is refused with ``error:``.
+The kill-and-restart under torchrun is in ``test_distributed.py``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_tree
+from lmobjectives.config import build_config
+from lmobjectives.errors import UserError
+from lmobjectives.train.api import train
+
+QUIET = {"progress": False, "say": lambda m: None}
+
+
+def test_start_then_resume_then_refuse_another_config(small_store, tmp_path):
+    out = tmp_path / "run"
+    tree = tiny_tree(small_store, str(out), steps=2, checkpoint_every=2)
+    first = train(build_config(tree), resume_if_exists=True, **QUIET)
+    assert first.started == "new"
+    tree["train"]["steps"] = 4  # more steps: the same trajectory, continued
+    second = train(build_config(tree), resume_if_exists=True, **QUIET)
+    assert second.started.startswith("resumed from step-0000002") and second.final["step"] == 4
+    tree["train"]["lr"] = 1e-4
+    with pytest.raises(UserError, match="holds a run with another config"):
+        train(build_config(tree), resume_if_exists=True, **QUIET)
+    with pytest.raises(UserError, match="needs --out"):
+        train(build_config({**tree, "out": None}), resume_if_exists=True, **QUIET)
+
+
+def test_cli_refuses_with_one_error_line(small_store, tmp_path):
+    out = tmp_path / "run"
+    train(build_config(tiny_tree(small_store, str(out), steps=1)), **QUIET)
+    proc = subprocess.run([sys.executable, "-m", "lmobjectives.cli", "train", "--data", small_store,
+                           "--preset", "tiny", "--steps", "1", "--seq-len", "48", "--out", str(out),
+                           "--resume-if-exists"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "another config" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -126,8 +126,9 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("PATH", "VOCAB"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        limit = int(args.limit_gib * (1 << 30))
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if args.limit_gib > 0:  # 0: no limit (CUDA reserves far more address space than it uses)
+            limit = int(args.limit_gib * (1 << 30))
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(one(args.one[0], int(args.one[1]), args.rows, args.hidden, args.chunks,
                              args.dtype, args.repeats)))
         return

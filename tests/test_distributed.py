@@ -297,7 +297,7 @@ def test_a_killed_worker_restarts_and_the_run_resumes(runs, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node=2", "--max-restarts=1", str(HERE / "distributed_restart.py"),
-                           "train", "--config", str(cfg_file), "--out", str(out), "--resume-if-exists"],
+                           "train", str(cfg_file), "--out", str(out), "--resume-if-exists"],
                           env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ": new; objective clm" in proc.stderr and "resumed from step-0000002" in proc.stderr

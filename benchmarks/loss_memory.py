@@ -37,8 +37,8 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def one(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str, repeats: int) -> dict:
-    """Measure one case in this process: ``repeats`` forward+backward passes."""
+def _case(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str):  # noqa: ANN202
+    """(device, one forward+backward of ``path``, chunk count) on fresh inputs."""
     import torch
     import torch.nn.functional as F
 
@@ -61,12 +61,20 @@ def one(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str, 
             else:
                 nll, _ = token_nll_sum(F.linear(h, w), labels, True)  # (B, T, V) logits
         (nll / rows).backward()
-        h.grad = None
+        h.grad = w.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
+    return device, step, n
+
+
+def one(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str, repeats: int) -> dict:
+    """Peak memory of one case in this process (``repeats`` forward+backward passes)."""
+    import torch
+
+    device, step, n = _case(path, vocab, rows, hidden, chunks, dtype)
     if device.type == "cuda":
         step()  # warm-up: kernels, cuBLAS workspaces
-        w.grad = None
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
@@ -76,14 +84,24 @@ def one(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str, 
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
-    best = min(times)
     return {"path": path, "vocab": vocab, "rows": rows, "hidden": hidden, "chunks": n, "dtype": dtype,
-            "device": device.type, "peak_mib": (peak - base) / MiB, "seconds": best,
-            "tokens_per_s": rows / best}
+            "device": device.type, "peak_mib": (peak - base) / MiB, "seconds": min(times),
+            "tokens_per_s": rows / min(times)}
+
+
+def interleaved(vocab: int, rows: int, hidden: int, chunks: str, dtype: str, repeats: int) -> dict:
+    """Best time of each path, the two alternating in one process, so that a machine shared
+    with other work slows both alike."""
+    steps = {p: _case(p, vocab, rows, hidden, chunks, dtype)[1] for p in ("today", "chunked")}
+    best = {p: float("inf") for p in steps}
+    for _ in range(repeats):
+        for p, step in steps.items():
+            start = time.perf_counter()
+            step()
+            best[p] = min(best[p], time.perf_counter() - start)
+    return {f"{p}_tokens_per_s": rows / best[p] for p in steps}
 
 
 def run_case(args: argparse.Namespace, path: str, vocab: int) -> dict:
@@ -123,8 +141,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--limit-gib", type=float, default=16.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--interleave", type=int, default=0, metavar="REPEATS",
+                    help="also time both paths alternating in one process, best of REPEATS each")
     ap.add_argument("--one", nargs=2, metavar=("PATH", "VOCAB"), help=argparse.SUPPRESS)
+    ap.add_argument("--timing", type=int, metavar="VOCAB", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.timing:
+        print(json.dumps(interleaved(args.timing, args.rows, args.hidden, args.chunks, args.dtype,
+                                     args.interleave)))
+        return
     if args.one:
         if args.limit_gib > 0:  # 0: no limit (CUDA reserves far more address space than it uses)
             limit = int(args.limit_gib * (1 << 30))
@@ -133,12 +158,24 @@ def main() -> None:
                              args.dtype, args.repeats)))
         return
     results = [run_case(args, path, int(v)) for v in args.vocabs.split(",") for path in ("today", "chunked")]
+    if args.interleave:
+        for v in args.vocabs.split(","):
+            cmd = [sys.executable, __file__, "--timing", v, "--rows", str(args.rows), "--hidden",
+                   str(args.hidden), "--chunks", args.chunks, "--dtype", args.dtype,
+                   "--interleave", str(args.interleave)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            timing = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+            for r in results:
+                if r["vocab"] == int(v) and f"{r['path']}_tokens_per_s" in timing:
+                    r["tokens_per_s"] = timing[f"{r['path']}_tokens_per_s"]
+                    r["timing"] = f"interleaved, best of {args.interleave}"
     if args.json:
         print(json.dumps(results, indent=2))
         return
     dev = next((r["device"] for r in results if "device" in r), "?")
     print(f"head + loss fwd+bwd, B*T = {args.rows}, hidden {args.hidden}, {args.dtype}, device {dev}, "
-          f"peak MiB above the inputs, best of {args.repeats}")
+          f"peak MiB above the inputs; tokens/s best of "
+          f"{f'{args.interleave}, both paths alternating in one process' if args.interleave else args.repeats}")
     print(table(results))
 
 

@@ -87,6 +87,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {name: root / name for name in ("ddp-clm", "fsdp-clm", "ddp-clm-resumed", "fsdp-clm-resumed")}
     jobs = [{"out": str(out["ddp-clm"]), "config": config(store)},
             {"out": str(out["fsdp-clm"]), "config": config(store, strategy="fsdp")}]
+    for strategy in ("ddp", "fsdp"):  # the chunked loss through each wrapper's forward
+        out[f"{strategy}-clm-chunked"] = root / f"{strategy}-clm-chunked"
+        jobs.append({"out": str(out[f"{strategy}-clm-chunked"]),
+                     "config": config(store, strategy=strategy, loss_chunks=3)})
     for objective in VARIABLE_TARGETS:
         out[f"ddp-{objective}"] = root / f"ddp-{objective}"
         jobs.append({"out": str(out[f"ddp-{objective}"]), "config": config(store, objective)})
@@ -125,12 +129,13 @@ def test_the_runs_read_padded_rows(runs):
     assert any((loader.batch(g)[0].tokens == pad).any() for g in range(2 * STEPS))
 
 
-@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", *[f"ddp-{o}" for o in VARIABLE_TARGETS],
+@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", "ddp-clm-chunked", "fsdp-clm-chunked",
+                                  *[f"ddp-{o}" for o in VARIABLE_TARGETS],
                                   *[pytest.param(f"ddp-{o}", marks=pytest.mark.skip(
                                       reason=f"objective '{o}' is not registered in this tree"))
                                     for o in ("mlm", "span") if o not in VARIABLE_TARGETS]])
 def test_two_processes_make_the_updates_of_one_with_twice_the_accumulation(runs, name):
-    two, one = losses(runs[name]), losses(runs[f"one-{name.split('-', 1)[1]}"])
+    two, one = losses(runs[name]), losses(runs[f"one-{name.split('-')[1]}"])
     assert sorted(two) == list(range(1, STEPS + 1)) == sorted(one)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), f"step {step}"

@@ -41,3 +41,20 @@ def test_cli_refuses_with_one_error_line(small_store, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "another config" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_runs_from_before_the_loss_chunks_key_keep_their_config_hash(small_store, tmp_path):
+    """A checkpoint written before ``train.loss_chunks`` existed holds the hash of a tree without
+    it; the one-piece default must hash the same, or such runs could not be resumed."""
+    from lmobjectives.train.setup import config_hash
+    from lmobjectives.util import stable_hash
+
+    cfg = build_config(tiny_tree(small_store, str(tmp_path / "run")))
+    old = cfg.model_dump(mode="json")
+    del old["train"]["loss_chunks"]
+    for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        old["train"].pop(key)
+    del old["out"]
+    assert config_hash(cfg) == stable_hash(old)
+    chunked = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss_chunks": 2})})
+    assert config_hash(chunked) != config_hash(cfg)

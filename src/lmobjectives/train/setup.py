@@ -302,6 +302,8 @@ def config_hash(cfg: RunConfig) -> str:
     tree = cfg.model_dump(mode="json")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
         tree["train"].pop(key, None)
+    if tree["train"].get("loss_chunks") == 1:
+        del tree["train"]["loss_chunks"]  # the one-piece loss of runs written before the key existed
     tree.pop("out", None)
     return stable_hash(tree)
 

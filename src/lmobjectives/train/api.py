@@ -24,8 +24,8 @@ from lmobjectives.train.distributed import (World, barrier, broadcast_object, ev
                                             export_final, failures_end_every_rank, init_world,
                                             open_in_turn, parallelize)
 from lmobjectives.train.loop import Stop, Trainer
-from lmobjectives.train.setup import (Run, config_hash, default_run_dir, open_run, read_run_info,
-                                     seed_everything, write_run_files)
+from lmobjectives.train.setup import (Run, config_hash, default_run_dir, open_run, seed_everything,
+                                     write_run_files)
 from lmobjectives.util import atomic_write_json
 
 
@@ -62,9 +62,8 @@ def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None, overw
         raise UserError("--resume-if-exists needs --out: the run directory to start or resume")
     out = Path(cfg.out)
     decision: tuple[str | None, str | None] = (None, None)  # (run to resume, error)
-    if world.rank == 0 and (out / "run.json").is_file():
-        held = read_run_info(out).get("config_hash")
-        if held == config_hash(cfg):
+    if world.rank == 0 and (out / "config.yaml").is_file():
+        if config_hash(load_run_config(out)) == config_hash(cfg):
             decision = (str(out), None)
         else:
             decision = (None, f"{out} holds a run with another config; give its own config (or "

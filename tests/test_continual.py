@@ -24,7 +24,7 @@ from lmobjectives.models.resize import add_token_rows
 from lmobjectives.store.prepare import prepare_store
 from lmobjectives.tokenizer import default_tokenizer_dir, encode_data, load_tokenizer, train_tokenizer
 from lmobjectives.tokenizer.extend import EXTENSION_FILE, extend_tokenizer_dir, load_extension
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 from lmobjectives.train.continual import parse_mix
 
 TINY = {"steps": 3, "batch_size": 4, "eval_every": 0, "checkpoint_every": 0, "eval_batches": 1}
@@ -289,7 +289,7 @@ def test_init_from_a_foreign_model_with_its_own_tokenizer(tmp_path, small_corpus
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -94,7 +94,7 @@ def _count_calls(owner, name: str, when: Callable[[int], bool], after: bool = Fa
 
 def hook_forward(n: int):
     def install() -> None:
-        from lmobjectives.train.module import StandardModule
+        from lmobjectives.step import StandardModule
 
         real = StandardModule.forward_backward
         count = [0]

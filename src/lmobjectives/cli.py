@@ -64,8 +64,9 @@ def train(
     """Train a model (no arguments: the default job on the embedded default corpus).
 
     Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
-    from lmobjectives.config import apply_set, build_config, load_config_file
-    from lmobjectives.train.api import load_run_config, train as run_train
+    from lmobjectives.config import check_resume_flags, config_from_flags
+    from lmobjectives.rundir import load_run_config
+    from lmobjectives.train.job import train as run_train
     from lmobjectives.train.launch import launch_local, should_launch
 
     launching = should_launch(nproc)  # then every worker runs this same command line
@@ -88,23 +89,11 @@ def train(
         flags["data.mix"] = parse_mix(mix)
     given = {k: v for k, v in flags.items() if v not in (None, [])}
     if resume:
-        extra = set(given) - {"train.steps"}
-        if extra or config or set_:
-            raise UserError("--resume continues a run with its own config; only --steps may change "
-                            f"(got {', '.join(sorted(extra)) or 'a config'})")
+        check_resume_flags(given, config, set_)
         cfg = load_run_config(Path(resume), given)
         say(f"resuming {resume} (weights, optimizer, data position and RNG restored)")
     else:
-        tree = load_config_file(config) if config else {}
-        for key, value in given.items():
-            node = tree
-            *parents, last = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        for assignment in set_ or []:
-            apply_set(tree, assignment)
-        cfg = build_config(tree)
+        cfg = config_from_flags(given, config, set_)
         if init_from:
             say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
     if launching:
@@ -334,7 +323,7 @@ def export(
     out: str = typer.Option(..., help="HF directory to write."),
 ) -> None:
     """Export a checkpoint as an HF model + tokenizer directory."""
-    from lmobjectives.train.api import export_checkpoint
+    from lmobjectives.export import export_checkpoint
 
     if not any((Path(checkpoint) / f).is_file() for f in ("model.safetensors", ".metadata")):
         raise UserError(f"{checkpoint} is not a checkpoint directory (no model.safetensors or .metadata)")

@@ -12,7 +12,6 @@ from lmobjectives.checkpoint import clean_leftovers
 from lmobjectives.config import RunConfig
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
-from lmobjectives.export import export_model
 from lmobjectives.report.plots import plot_loss
 from lmobjectives.train.distributed import (World, barrier, broadcast_object, export_final,
                                             failures_end_every_rank, init_world, open_in_turn,

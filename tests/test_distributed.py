@@ -190,6 +190,28 @@ def test_fsdp_reshards_to_one_process_when_allowed(runs, tmp_path):
     assert (tmp_path / "copy" / "checkpoints" / f"step-{STEPS:07d}" / ".metadata").is_file()
 
 
+def test_lmobj_verify_checks_a_sharded_checkpoint_and_names_a_damaged_file(runs, tmp_path):
+    """``lmobj verify`` on a 2-process FSDP run passes; one flipped byte in a shard file makes
+    it fail (exit 2) naming that file."""
+    import shutil
+
+    run = tmp_path / "fsdp"
+    shutil.copytree(runs["fsdp-clm"], run)
+    lmobj = [sys.executable, "-m", "lmobjectives.cli", "verify", "--json", str(run)]
+    ok = subprocess.run(lmobj, env=env(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["ok"] and len(report["checkpoints"]) == STEPS // 2
+    ckpt = run / "checkpoints" / f"step-{STEPS:07d}"
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(lmobj[:-2] + [str(run)], env=env(), capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert f"checkpoint file {shard} is corrupt" in bad.stdout + bad.stderr
+
+
 def test_crafted_checkpoint_metadata_runs_no_code(runs, tmp_path):
     import shutil
 

@@ -268,3 +268,31 @@ def config_from_flags(given: dict[str, Any], config_file: str | None,
     for assignment in sets or []:
         apply_set(tree, assignment)
     return build_config(tree)
+
+
+def parse_mix(items: list[str]) -> list[dict[str, Any]]:
+    """``PATH=WEIGHT`` strings (``--mix``) -> ``data.mix`` entries."""
+    out = []
+    for item in items:
+        path, sep, weight = item.rpartition("=")
+        if not sep or not path:
+            raise UserError(f"--mix takes PATH=WEIGHT (e.g. --mix domain/=0.8), got '{item}'")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UserError(f"--mix {item}: weight '{weight}' is not a number") from None
+        if not w > 0:
+            raise UserError(f"--mix {item}: weight must be positive")
+        out.append({"path": path, "weight": w})
+    return out
+
+
+def given_flags(flags: dict[str, Any], mix: list[str] | None) -> dict[str, Any]:
+    """The dotted-key flags a user gave (None and [] mean "not given"); ``--mix`` entries
+    become ``data.mix``, which names every source and so excludes ``--corpus``/``--data``."""
+    given = {k: v for k, v in flags.items() if v not in (None, [])}
+    if mix:
+        if "data.corpus" in given or "data.store" in given:
+            raise UserError("give either --mix or --corpus/--data: --mix names every source with its weight")
+        given["data.mix"] = parse_mix(mix)
+    return given

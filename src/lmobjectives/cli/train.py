@@ -10,7 +10,6 @@ from typing import List, Optional
 import typer
 
 from lmobjectives.cli.common import _print_json, _say, app
-from lmobjectives.errors import UserError
 
 
 # ------------------------------------------------------------------------------------ train
@@ -47,7 +46,7 @@ def train(
     """Train a model (no arguments: the default job on the embedded default corpus).
 
     Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
-    from lmobjectives.config import check_resume_flags, config_from_flags
+    from lmobjectives.config import check_resume_flags, config_from_flags, given_flags
     from lmobjectives.rundir import load_run_config
     from lmobjectives.train.job import train as run_train
     from lmobjectives.train.launch import launch_local, should_launch
@@ -64,13 +63,7 @@ def train(
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
              "train.new_embeddings_first": train_new_embeddings_first,
              "distributed.strategy": strategy}
-    if mix:
-        from lmobjectives.train.continual import parse_mix
-
-        if corpus or data:
-            raise UserError("give either --mix or --corpus/--data: --mix names every source with its weight")
-        flags["data.mix"] = parse_mix(mix)
-    given = {k: v for k, v in flags.items() if v not in (None, [])}
+    given = given_flags(flags, mix)
     if resume:
         check_resume_flags(given, config, set_)
         cfg = load_run_config(Path(resume), given)
@@ -83,8 +76,11 @@ def train(
         raise typer.Exit(launch_local(nproc, sys.argv[1:]))
     result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
                        allow_reshard=allow_reshard, progress=not json_out)
-    if not lead:
-        return
+    if lead:
+        _print_result(result, json_out)
+
+
+def _print_result(result, json_out: bool) -> None:  # noqa: ANN001 - train.job.TrainResult
     summary = {"run_dir": str(result.run_dir), "started": result.started, "stopped": result.stopped,
                "step": result.final.get("step"), "loss": result.final.get("loss"), "eval": result.eval}
     if json_out:

@@ -104,24 +104,6 @@ def describe_source(model_dir: Path) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------ data
-def parse_mix(items: list[str]) -> list[dict[str, Any]]:
-    """``PATH=WEIGHT`` strings (``--mix``) -> ``data.mix`` entries."""
-    out = []
-    for item in items:
-        path, sep, weight = item.rpartition("=")
-        if not sep or not path:
-            raise UserError(f"--mix takes PATH=WEIGHT (e.g. --mix domain/=0.8), got '{item}'")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise UserError(f"--mix {item}: weight '{weight}' is not a number") from None
-        if not w > 0:
-            raise UserError(f"--mix {item}: weight must be positive")
-        out.append({"path": path, "weight": w})
-    return out
-
-
 def has_rope(config) -> bool:  # noqa: ANN001 - transformers config
     params = getattr(config, "rope_parameters", None)
     return isinstance(params, dict) and "rope_theta" in params

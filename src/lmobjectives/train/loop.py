@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,28 +31,11 @@ from lmobjectives.checkpoint import (clean_leftovers, is_sharded_checkpoint, lis
 from lmobjectives.errors import UserError
 from lmobjectives.train.distributed import agree_on_checkpoint, barrier, reshard_loader_state
 from lmobjectives.train.preflight import check_batch, preflight
-from lmobjectives.train.schedule import lr_at
+from lmobjectives.train.guards import GuardState
+from lmobjectives.train.schedule import build_optimizer, lr_at
 from lmobjectives.rundir import config_hash, parse_metric_lines
 from lmobjectives.runtime import to_torch
 from lmobjectives.train.setup import Run
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms and biases (1-D parameters) do not."""
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def batch_rng(seed: int, global_index: int) -> np.random.Generator:
@@ -63,21 +45,6 @@ def batch_rng(seed: int, global_index: int) -> np.random.Generator:
 def make_batch(run: Run, rows, global_index: int) -> dict[str, np.ndarray]:
     features = run.objective(rows, batch_rng(run.cfg.train.seed, global_index))
     return run.converter(features, run.specials)
-
-
-@dataclass
-class GuardState:
-    bad_in_row: int = 0
-    recent: deque = field(default_factory=lambda: deque(maxlen=50))
-
-    def spike(self, loss: float, zscore: float) -> float | None:
-        """z-score of ``loss`` against the recent window, when the window is full enough."""
-        if len(self.recent) < min(10, self.recent.maxlen):
-            return None
-        arr = np.asarray(self.recent)
-        std = float(arr.std())
-        z = (loss - float(arr.mean())) / max(std, 1e-6)
-        return z if z > zscore else None
 
 
 class Stop(Exception):

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lmobjectives.rundir import read_metrics  # noqa: F401 - report/compare.py reads it from here
+from lmobjectives.rundir import read_metrics
 
 
 def save_figure(fig, path: Path) -> None:  # noqa: ANN001

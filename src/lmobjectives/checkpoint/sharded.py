@@ -1,9 +1,10 @@
 """Sharded checkpoints of FSDP runs, through ``torch.distributed.checkpoint`` (DCP).
 
-``checkpoints/step-NNNNNNN/`` follows the rules of ``checkpoint/full.py`` (complete or absent,
-every file checksummed in ``checksums.json``, ``checkpoint/files.py``) and holds DCP's files — one ``__R_0.distcp`` per writing rank with
-its shards of weights and optimizer state, and ``.metadata`` with the global shapes — plus
-``scheduler.pt``, ``rng.pt``, ``state.json`` and ``checksums.json``.
+``checkpoints/step-NNNNNNN/`` follows the rules of full checkpoints (complete or absent,
+every file checksummed in ``checksums.json``: ``checkpoint/files.py``) and holds DCP's
+files — one ``__R_0.distcp`` per writing rank with its shards of weights and optimizer
+state, and ``.metadata`` with the global shapes — plus ``scheduler.pt``, ``rng.pt``,
+``state.json`` and ``checksums.json``.
 
 Write: every rank writes its shards into ``.step-NNNNNNN.tmp``; DCP's save returns once all
 shards are on disk (fsynced; its last step is a collective). Rank ``r`` of ``W`` then hashes

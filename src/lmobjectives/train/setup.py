@@ -27,15 +27,15 @@ from lmobjectives.train.continual import describe_source, extend_vocab, fit_cont
 from lmobjectives.util import atomic_write_bytes, atomic_write_json
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run(RunSpec):
     """A spec with its model: ``model`` is the module whose weights train and are saved;
     ``model_with_loss`` runs it on a batch and computes the loss terms (``step/``)."""
 
-    model: torch.nn.Module = None  # type: ignore[assignment] - always given by open_run
-    model_with_loss: TrainModule = None  # type: ignore[assignment]
-    device: torch.device = torch.device("cpu")
-    bf16: bool = False
+    model: torch.nn.Module
+    model_with_loss: TrainModule
+    device: torch.device
+    bf16: bool
     rank: int = 0
     world_size: int = 1
     info: dict[str, Any] = field(default_factory=dict)

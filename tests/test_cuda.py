@@ -49,7 +49,7 @@ def test_chunked_loss_on_the_gpu(bf16):
 
 
 def test_a_bf16_run_with_chunked_loss_learns(small_store, tmp_path):
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     tree = tiny_tree(small_store, str(tmp_path / "run"), steps=8, loss_chunks=2)
     tree["model"]["precision"] = "bf16"

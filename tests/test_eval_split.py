@@ -33,8 +33,8 @@ def test_shares_sum_to_the_whole(small_store, tmp_path, objective):
             fn(share=(rank, world), reduce=lambda s: seen.append(s.copy()) or s)
         return seen
 
-    whole = sums(lambda **kw: objective_eval(run, rows, **kw), 1)[0]
-    parts = sums(lambda **kw: objective_eval(run, rows, **kw), 2)
+    whole = sums(lambda **kw: objective_eval(run, rows, run.model_with_loss, run.device, **kw), 1)[0]
+    parts = sums(lambda **kw: objective_eval(run, rows, run.model_with_loss, run.device, **kw), 2)
     assert parts[0][2] != whole[2]  # each share scored part of the targets
     np.testing.assert_allclose(parts[0] + parts[1], whole, rtol=1e-12)
     if objective == "clm":

@@ -20,8 +20,9 @@ from lmobjectives.loss import chunked_nll_sum, resolve_chunks, token_nll_sum
 from lmobjectives.models.output import projection_removed
 from lmobjectives.models.presets import build_model
 from lmobjectives.objectives.mtp import MTP
-from lmobjectives.train.module import StandardModule, to_torch
-from lmobjectives.train.mtp_module import MTPModule
+from lmobjectives.runtime import to_torch
+from lmobjectives.step import StandardModule
+from lmobjectives.step.mtp import MTPModule
 from test_mtp import packed_batch, tiny_mtp
 
 CPU = torch.device("cpu")
@@ -153,7 +154,7 @@ def losses(run_dir) -> list[dict]:  # noqa: ANN001
 
 
 def test_chunked_run_tracks_one_piece_and_resumes_bit_exact(small_store, tmp_path):
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     def cfg(out, chunks):  # noqa: ANN001, ANN202
         tree = tiny_tree(small_store, str(out), loss_chunks=chunks)

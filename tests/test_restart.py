@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_tree
 from lmobjectives.config import build_config
 from lmobjectives.errors import UserError
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 
 QUIET = {"progress": False, "say": lambda m: None}
 

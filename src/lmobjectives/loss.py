@@ -88,13 +88,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for lo in range(0, flat.shape[0], step):
             h, t = flat[lo:lo + step], target[lo:lo + step]  # (n, d), (n,)
             z = F.linear(h, weight, bias).float()  # (n, V): the autocast dtype's matmul, as today
-            nll += F.cross_entropy(z, t, ignore_index=IGNORE, reduction="sum")
             valid = t != IGNORE
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+            # nll = lse - z[t]: one pass over z for the loss and the gradient alike.
+            nll += ((lse[:, 0] - z.gather(1, t.clamp(min=0)[:, None])[:, 0]) * valid).sum()
             correct += ((z.argmax(-1) == t) & valid).sum()
             if not need_grad:
                 continue
             # softmax(z) - onehot(t), in place in z's buffer; zero on ignored rows.
-            dz = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True)).exp_()  # (n, V)
+            dz = z.sub_(lse).exp_()  # (n, V)
             dz.scatter_add_(1, t.clamp(min=0)[:, None], -valid[:, None].to(dz.dtype))
             dz.mul_(valid[:, None])
             # Under autocast these matmuls run in its dtype, as the one-piece path's backward.

@@ -170,6 +170,10 @@ def parallelize(run: "Run", world: World) -> None:
         return
     if run.cfg.distributed.strategy == "fsdp":
         shard_model(run.model, bf16=run.bf16)
+    elif getattr(run.module, "calls_model_parts", False):
+        from lmobjectives.train.summed_gradients import SummedGradientsModule
+
+        run.module = SummedGradientsModule(run.module)
     else:
         run.module = DataParallelModule(run.module, run.device)
 

@@ -160,6 +160,25 @@ def hook_publish(n: int, after: bool):
     return install
 
 
+def hook_prune(n: int):
+    """Killed half-way through deleting the n-th pruned checkpoint: one of its files is gone."""
+    def install() -> None:
+        import lmobjectives.checkpoint as ck
+
+        real, count = ck.shutil.rmtree, [0]
+
+        def rmtree(path, *a, **kw):  # noqa: ANN001,ANN002,ANN003
+            if Path(path).name.startswith("step-"):
+                count[0] += 1
+                if count[0] == n:
+                    (Path(path) / "model.safetensors").unlink()
+                    ru.kill_self()
+            return real(path, *a, **kw)
+
+        ck.shutil.rmtree = rmtree
+    return install
+
+
 def hook_export() -> None:
     import lmobjectives.export as ex
 
@@ -198,6 +217,7 @@ TARGETED = [
     ("checkpoint write: model.safetensors of step 6 half written", hook_half_written_model(2)),
     ("checkpoint write: complete, before the rename of step 6", hook_publish(2, after=False)),
     ("checkpoint write: renamed, before pruning old ones (step 9)", hook_publish(3, after=True)),
+    ("pruning step 3's checkpoint, half deleted (step 9)", hook_prune(1)),
     ("final export, before its rename", hook_export),
     ("half a metrics line at step 8", hook_half_metrics_line(8)),
 ]
@@ -242,24 +262,14 @@ def test_kill_anywhere_then_resume_is_bit_exact(store, reference, tmp_path):
     trials += [(f"SIGTERM twice #{i + 1}", None, "term", 0.5 * rng.random()) for i in range(N_SIGTERMS)]
     for i, (name, hook, signal_kind, frac) in enumerate(trials):
         out = tmp_path / f"t{i}"
-        p = ru.start_child(args(out), tmp_path / f"t{i}.log", hook)
-        if signal_kind is not None:
-            _wait_for_first_step(out, p)
-            time.sleep(frac * alive)
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL if signal_kind == "kill" else signal.SIGTERM)
-                if signal_kind == "term":
-                    time.sleep(0.05)
-                    if p.is_alive():
-                        os.kill(p.pid, signal.SIGTERM)
+        log = tmp_path / f"t{i}.log"
+        if signal_kind is None:
+            p = ru.start_child(args(out), log, hook)
             p.join(CHILD_TIMEOUT)
+            assert p.exitcode == -signal.SIGKILL, f"{name}: the hook did not fire (exit {p.exitcode})"
         else:
-            p.join(CHILD_TIMEOUT)
-        killed = p.exitcode == -signal.SIGKILL
-        if signal_kind == "term":
-            assert p.exitcode == 0, f"{name}: SIGTERM must end the run with exit 0, got {p.exitcode}"
-        elif hook is not None:
-            assert killed, f"{name}: the hook did not fire (exit {p.exitcode})"
+            p = _signalled_run(lambda: args(out), out, log, signal_kind, frac * alive)
+            _assert_interrupted(p, out, log, signal_kind, name)
         ckpts = [c.name for c in list_checkpoints(out)]
         ok, why = _resume_and_compare(out, reference, tmp_path / f"t{i}.resume.log")
         results.append((name, p.exitcode, ckpts[-1] if ckpts else "-", ok, why))
@@ -269,6 +279,48 @@ def test_kill_anywhere_then_resume_is_bit_exact(store, reference, tmp_path):
     exact = sum(r[3] for r in results)
     print(f"{len(results)} interrupted runs, {exact} resumed bit-exactly")
     assert exact == len(results), [r for r in results if not r[3]]
+
+
+def _signalled_run(args: Callable[[], list[str]], out: Path, log: Path, kind: str, delay: float,
+                   attempts: int = 4):  # noqa: ANN202
+    """A child that receives SIGKILL (``kind="kill"``) or two SIGTERMs ``delay`` seconds after
+    its first logged step. A child that finished before the signal proves nothing: the trial
+    is rerun from scratch with half the delay, up to ``attempts`` times."""
+    import shutil
+
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        p = ru.start_child(args(), log)
+        _wait_for_first_step(out, p)
+        time.sleep(delay)
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+            if kind == "term":
+                time.sleep(0.05)
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)  # a second SIGTERM must change nothing
+        p.join(CHILD_TIMEOUT)
+        if kind == "kill" and p.exitcode != 0:
+            return p
+        if kind == "term" and "stopped by signal at step" in log.read_text():
+            return p
+        delay /= 2
+    return p
+
+
+def _assert_interrupted(p, out: Path, log: Path, kind: str, name: str) -> None:  # noqa: ANN001
+    """The signal, not a normal finish, ended the run: death by SIGKILL, or for SIGTERM exit 0
+    with the line saying so and a checkpoint at the stop step, before the last step."""
+    if kind == "kill":
+        assert p.exitcode == -signal.SIGKILL, f"{name}: not killed (exit {p.exitcode}): {log.read_text()[-1500:]}"
+        return
+    text = log.read_text()
+    assert p.exitcode == 0, f"{name}: SIGTERM must end the run with exit 0, got {p.exitcode}"
+    assert "stopped by signal at step" in text, f"{name}: the run was not stopped by the signal"
+    stopped = int(text.split("stopped by signal at step")[1].split()[0].strip(".,;:"))
+    ckpts = [int(c.name.split("-")[1]) for c in list_checkpoints(out)]
+    assert ckpts and ckpts[-1] == stopped < STEPS, f"{name}: stopped at {stopped}, checkpoints {ckpts}"
+    assert not (out / "final").exists(), f"{name}: a stopped run must not export"
 
 
 def test_sigterm_saves_and_exits_zero_within_20s(store, tmp_path):

@@ -19,6 +19,7 @@ flipped byte in ``checksums.json`` makes it raise "…/checksums.json is corrupt
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -100,9 +101,18 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints. Each is first renamed to a hidden
+    ``.step-N.old`` (one atomic step), so a process killed half-way through the deletion
+    leaves a leftover that the next start removes, never a damaged ``step-N/``."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        hidden = old.with_name(f".{old.name}.old")
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> None:

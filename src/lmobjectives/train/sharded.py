@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lmobjectives.checkpoint import CHECKSUMS, list_checkpoints, step_dir_name
+from lmobjectives.checkpoint import CHECKSUMS, prune_checkpoints, step_dir_name
 from lmobjectives.errors import UserError
 from lmobjectives.train.distributed import barrier, gather_objects
 from lmobjectives.util import atomic_write_json, publish_dir, sha256_file
@@ -145,8 +145,7 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
         if rank == 0:
             atomic_write_json(tmp / CHECKSUMS, dict(sorted(sums.items())))
             publish_dir(tmp, final)
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(run_dir, keep)
     except OSError as exc:
         raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}; "
                         "the previous checkpoints are intact") from None

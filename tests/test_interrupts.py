@@ -262,3 +262,43 @@ def test_an_unwritable_out_is_one_error_line(store, tmp_path):
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, (what, code, err[-2000:])
         assert str(out.parent) in lines[0] or str(out) in lines[0], (what, lines[0])
+
+
+# ------------------------------------------------------------------ a 2-process run
+def _lmobj(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmobjectives.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+
+
+def test_kill_a_two_process_run_then_resume(store, tmp_path):
+    """``lmobj train --nproc 2`` (torchrun and both workers) SIGKILLed as a whole after its
+    step-3 checkpoint, then resumed on 2 processes: the uninterrupted 2-process run's records
+    and final weights, bit for bit."""
+    steps = 12
+    args = lambda out: _lmobj(*ru.tiny_args(store, out, steps, "--nproc", "2", every=EVERY))  # noqa: E731
+    reference = tmp_path / "ref"
+    p = subprocess.run(args(reference), env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(args(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 240
+        while not list_checkpoints(out) and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker at once
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    assert not (out / "final").exists()
+    p = subprocess.run(_lmobj("train", "--resume", str(out), "--nproc", "2", "--json"), env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert records(out) == records(reference)
+    assert ru.same_weights(ru.final_weights(out), ru.final_weights(reference))

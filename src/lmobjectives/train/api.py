@@ -103,6 +103,7 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
     if resume is None and lead:
         _prepare_out(run_dir, overwrite)
         write_config_first(cfg, run_dir)
+    barrier()  # no rank cleans leftovers below while rank 0 still writes config.yaml
     for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
         say(f"removed the leftover {p} of an interrupted write")
     seed_everything(cfg.train.seed)

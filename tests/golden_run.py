@@ -53,7 +53,7 @@ def golden_run(root: Path) -> dict:
     import torch
 
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same reductions on every machine

@@ -147,8 +147,8 @@ def test_json_state_cannot_carry_code(ckpt):
 
 
 # The one sanctioned unpickler: DCP's metadata reader, whose find_class admits only the
-# checkpoint metadata classes (train/sharded.py; test_crafted_checkpoint_metadata_runs_no_code).
-ALLOWED_UNPICKLERS = {("train/sharded.py", "_MetadataUnpickler")}
+# checkpoint metadata classes (checkpoint/sharded.py; test_crafted_checkpoint_metadata_runs_no_code).
+ALLOWED_UNPICKLERS = {("checkpoint/sharded.py", "_MetadataUnpickler")}
 UNPICKLING_MODULES = ("pickle", "_pickle", "dill", "marshal", "cloudpickle", "joblib")
 
 

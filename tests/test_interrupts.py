@@ -91,15 +91,15 @@ def resume_and_compare(out: Path, reference: Path, log: Path) -> None:
 # ------------------------------------------------------------------ kill hooks (run in the child)
 def kill_in_tokenizer_training() -> None:
     """Dies once the tokenizer is trained, before it is saved."""
-    import lmobjectives.train.setup as setup
+    import lmobjectives.spec as spec
 
-    real = setup.train_tokenizer
+    real = spec.train_tokenizer
 
     def train_tokenizer(*a, **kw):  # noqa: ANN002,ANN003,ANN202
         real(*a, **kw)
         ru.kill_self()
 
-    setup.train_tokenizer = train_tokenizer
+    spec.train_tokenizer = train_tokenizer
 
 
 def kill_in_store_writing() -> None:
@@ -122,7 +122,7 @@ def kill_in_store_writing() -> None:
 
 def kill_in_second_eval() -> None:
     """Dies inside the evaluation at step 4, after the step-3 checkpoint."""
-    import lmobjectives.train.api as api
+    import lmobjectives.train.job as api
 
     real, count = api.evaluate_run, [0]
 

@@ -1,6 +1,6 @@
 """Data parallelism for a train module that runs its model's parts one by one.
 
-Multi-token prediction's low-memory backward (``train/mtp_module.py``) calls the trunk and
+Multi-token prediction's low-memory backward (``step/mtp.py``) calls the trunk and
 each head separately and runs one backward per head. DDP only reduces gradients of a
 backward that followed ``DDP.forward``, so wrapping such a model in DDP would leave every
 rank with its own gradients (each rank would step on its half of the batch). Here the
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from lmobjectives.train.module import TrainModule
+    from lmobjectives.step import TrainModule
 
 BUCKET_ELEMENTS = 2**22  # 16 MB of fp32 per all-reduce: few calls, bounded extra memory
 

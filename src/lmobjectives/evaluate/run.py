@@ -11,10 +11,20 @@ from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
                                            token_byte_lengths, val_batches)
 from lmobjectives.evaluate.infill import DEFAULT_SAMPLES, document_texts, infill_exact_match
+from lmobjectives.objectives import capabilities
 from lmobjectives.store.store import TokenStore
 
-# Decoder objectives whose runs get the infilling metric: FIM, and CLM as its baseline.
-INFILL_OBJECTIVES = ("fim", "clm")
+
+def accuracy_key(objective: str) -> str:
+    """The name a run's held-out accuracy is reported under: an objective that scores masked
+    positions only (MLM) says so (``masked_accuracy``)."""
+    return capabilities(objective).accuracy_key
+
+
+def gets_infill_metric(objective: str, architecture: str) -> bool:
+    """Decoder runs of objectives on the infill benchmark (FIM, and CLM as its baseline) get
+    single-line infilling exact match."""
+    return architecture == "decoder" and capabilities(objective).infill_benchmark
 
 
 def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int = 16,
@@ -56,10 +66,8 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
             raise UserError(f"run {run_dir} has no validation split; pass --data")
     rows = val_batches(source, cfg.train.batch_size, n_batches)
     out = objective_eval(run, rows)
-    # An MLM's targets are the masked tokens only: say so in the name of its accuracy.
-    accuracy_key = "masked_accuracy" if cfg.objective == "mlm" else "accuracy"
     res: dict[str, Any] = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50)),
-                           accuracy_key: out["accuracy"], "tokens": out["targets"]}
+                           accuracy_key(cfg.objective): out["accuracy"], "tokens": out["targets"]}
     if run.architecture in LEFT_TO_RIGHT:
         bpb = bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
                             run.device, run.bf16, by_position=True)
@@ -68,7 +76,7 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     else:
         res.update({"bits_per_byte": None, "bytes": None,
                     "bits_per_byte_reason": NO_BPB_REASON[run.architecture]})
-    if run.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
+    if gets_infill_metric(cfg.objective, run.architecture) and infill_samples > 0:
         docs = document_texts(table, run.tokenizer, run.specials.eos)
         em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)
         res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})

@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import numpy as np
 
 from lmobjectives.errors import UserError
-from lmobjectives.objectives.base import Features, Objective, Rows, single_stream_mask
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows, single_stream_mask
 from lmobjectives.tokenizer.special import SpecialIds
 
 if TYPE_CHECKING:
@@ -209,7 +209,8 @@ class FIM(Objective):
     ``with_tables``; calling without it is an error."""
 
     name: ClassVar[str] = "fim"
-    architectures: ClassVar[tuple[str, ...]] = ("decoder",)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("decoder",), infill="fim", infill_benchmark=True)
 
     specials: SpecialIds
     fim_rate: float = DEFAULT_FIM_RATE

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.tokenizer.special import SpecialIds
 
 # Sort keys are int32: 29 random bits under a 2-bit region tag, so one sort orders every
@@ -375,7 +375,8 @@ class SpanCorruption(Objective):
     """T5 span corruption (T5 §3.1.4 defaults: noise density 0.15, mean span length 3)."""
 
     name: ClassVar[str] = "span"
-    architectures: ClassVar[tuple[str, ...]] = ("encoder_decoder", "prefix_lm")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("encoder_decoder", "prefix_lm"), infill="sentinels")
 
     specials: SpecialIds
     noise_density: float = 0.15

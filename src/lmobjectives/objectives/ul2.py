@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.objectives.prefix import random_split_points
 from lmobjectives.objectives.span import (
     check_sentinels,
@@ -87,7 +87,8 @@ class UL2(Objective):
     """UL2's mixture of seven denoisers with mode tokens [NLU] / [NLG] / [S2S]."""
 
     name: ClassVar[str] = "ul2"
-    architectures: ClassVar[tuple[str, ...]] = ("encoder_decoder", "prefix_lm")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("encoder_decoder", "prefix_lm"), infill="sentinels", mode_token="nlu")
 
     specials: SpecialIds
     # Relative sampling weights over DENOISERS; uniform as in the UL2 paper's appendix code.

@@ -134,7 +134,7 @@ def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
 def _fills_fim(caps: Capabilities) -> bool:
     # A model that fills a missing middle from a FIM prompt (the single-line exact-match task
     # of evaluate/infill.py); sentinel-span models fill spans instead, a different task.
-    return caps.infill == "fim"
+    return caps.infill == "fim_prompt"
 
 
 def _infilling(s: Subject) -> str | None:

@@ -53,12 +53,12 @@ def run_capabilities(loaded: Any) -> Capabilities | None:
 
 def fills_fim(caps: Capabilities | None) -> bool:
     """Whether a decoder fills a FIM prompt: FIM runs, and bare HF models (who can say)."""
-    return caps is None or caps.infill == "fim"
+    return caps is None or caps.infill == "fim_prompt"
 
 
 def fills_sentinels(caps: Capabilities | None) -> bool:
     """Whether a model fills <extra_id_N> spans; a bare HF model is taken at its word."""
-    return caps is None or caps.infill == "sentinels"
+    return caps is None or caps.infill == "sentinel_spans"
 
 
 def mode_token_id(loaded: Any, caps: Capabilities | None) -> int | None:

@@ -41,12 +41,12 @@ ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
 IGNORE = -100
 
 # How an objective's model fills a gap in a text (``Capabilities.infill``):
-#   "fim"          FIM sentinels, PSM/SPM prompts with <fim_prefix>... (a decoder)
-#   "sentinels"    T5-style <extra_id_N> spans, answered in order (encoder-decoder, prefix LM)
-#   "left_to_right" no infilling form of its own: it only continues a prefix
-#   "unmasking"    iterative unmasking of [MASK] positions (masked diffusion)
-#   "none"         it does not generate (a masked-LM encoder)
-INFILL_KINDS = ("fim", "sentinels", "left_to_right", "unmasking", "none")
+#   "fim_prompt"     FIM sentinels, PSM/SPM prompts with <fim_prefix>... (a decoder)
+#   "sentinel_spans" T5-style <extra_id_N> spans, answered in order (encoder-decoder, prefix LM)
+#   "left_to_right"  no infilling form of its own: it only continues a prefix
+#   "unmasking"      iterative unmasking of [MASK] positions (masked diffusion)
+#   "none"           it does not generate (a masked-LM encoder)
+INFILL_KINDS = ("fim_prompt", "sentinel_spans", "left_to_right", "unmasking", "none")
 ACCURACY_KEYS = ("accuracy", "masked_accuracy")
 MODEL_KINDS = ("standard", "mtp")
 

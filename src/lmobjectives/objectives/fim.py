@@ -210,7 +210,7 @@ class FIM(Objective):
 
     name: ClassVar[str] = "fim"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        architectures=("decoder",), infill="fim", infill_benchmark=True)
+        architectures=("decoder",), infill="fim_prompt", infill_benchmark=True)
 
     specials: SpecialIds
     fim_rate: float = DEFAULT_FIM_RATE

@@ -376,7 +376,7 @@ class SpanCorruption(Objective):
 
     name: ClassVar[str] = "span"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        architectures=("encoder_decoder", "prefix_lm"), infill="sentinels")
+        architectures=("encoder_decoder", "prefix_lm"), infill="sentinel_spans")
 
     specials: SpecialIds
     noise_density: float = 0.15

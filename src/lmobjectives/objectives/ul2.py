@@ -88,7 +88,7 @@ class UL2(Objective):
 
     name: ClassVar[str] = "ul2"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        architectures=("encoder_decoder", "prefix_lm"), infill="sentinels", mode_token="nlu")
+        architectures=("encoder_decoder", "prefix_lm"), infill="sentinel_spans", mode_token="nlu")
 
     specials: SpecialIds
     # Relative sampling weights over DENOISERS; uniform as in the UL2 paper's appendix code.

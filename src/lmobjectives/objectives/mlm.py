@@ -38,7 +38,7 @@ from typing import ClassVar
 import numpy as np
 
 from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
-from lmobjectives.objectives.span import in_region, random_u32, ranked_keys
+from lmobjectives.objectives.noise import in_region, random_u32, ranked_keys
 from lmobjectives.tokenizer.special import SpecialIds
 
 _U32 = 2.0**32  # probabilities are compared against uint32 words: resolution 2**-32

@@ -45,10 +45,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows, single_stream_mask
+from lmobjectives.objectives.base import (IGNORE, Capabilities, Features, Objective, Rows,
+                                          single_stream_mask)
 from lmobjectives.tokenizer.special import SpecialIds
 
-IGNORE = -100
 HEAD_DESIGNS = ("parallel", "sequential")
 WEIGHT_SCHEDULES = ("constant", "deepseek")
 # DeepSeek-V3 §4.2: MTP loss weight 0.3 for the first 10T tokens, 0.1 for the remaining 4.8T.

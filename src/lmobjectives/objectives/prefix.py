@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 
 from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
-from lmobjectives.objectives.span import non_pad_lengths
+from lmobjectives.objectives.noise import non_pad_lengths
 from lmobjectives.tokenizer.special import SpecialIds
 
 

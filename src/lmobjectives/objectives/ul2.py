@@ -38,14 +38,8 @@ import numpy as np
 
 from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.objectives.prefix import random_split_points
-from lmobjectives.objectives.span import (
-    check_sentinels,
-    corrupted_lengths,
-    denoise,
-    non_pad_lengths,
-    random_spans_noise_mask,
-    raw_length,
-)
+from lmobjectives.objectives.noise import non_pad_lengths, random_spans_noise_mask
+from lmobjectives.objectives.span import check_sentinels, corrupted_lengths, denoise, raw_length
 from lmobjectives.tokenizer.special import SpecialIds
 
 

@@ -19,7 +19,7 @@ and each run's step count is ``round(budget / tokens per step)``::
 (KEY is the objective, or ``span@prefix_lm`` written ``span-prefix_lm`` for another
 architecture). A finished run whose config matches is reused, one with checkpoints is
 resumed, and a run with another config is an error unless ``overwrite``. Measurements are
-cached the same way (``compare.measure``). The report (``lmobjectives.report.compare``)
+cached the same way (``compare.measure``). The report (``lmobjectives.report.comparison``)
 reads only the files this writes.
 """
 
@@ -313,7 +313,7 @@ def compare(
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> CompareResult:
     """Train (or reuse) one run per objective under an equal token budget; write the report."""
-    from lmobjectives.report.compare import write_report
+    from lmobjectives.report.comparison import write_report
     from lmobjectives.tokenizer import load_tokenizer
     from lmobjectives.tokenizer.special import SpecialIds
     from lmobjectives.train.setup import select_device

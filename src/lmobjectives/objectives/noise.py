@@ -125,6 +125,16 @@ def _block_piece_lengths(cut_at: np.ndarray, total: int) -> np.ndarray:
 # --------------------------------------------------------------------------- noise mask
 
 
+def row_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """``noise_counts`` for one row in plain Python (no array overhead; same rounding:
+    Python's ``round`` and ``np.round`` both round halves to even)."""
+    if length < 2:
+        return 0, 0
+    noise = min(max(round(length * float(noise_density)), 1), length - 1)
+    spans = min(max(round(noise / float(mean_span)), 1), length - noise)
+    return noise, spans
+
+
 def noise_counts(lengths: np.ndarray, noise_density: np.ndarray | float,
                  mean_span: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """T5's deterministic counts (noise tokens, noise spans) per row; zero for rows < 2 tokens."""

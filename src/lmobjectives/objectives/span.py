@@ -41,7 +41,7 @@ from typing import ClassVar
 import numpy as np
 
 from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
-from lmobjectives.objectives.noise import non_pad_lengths, random_spans_noise_mask
+from lmobjectives.objectives.noise import non_pad_lengths, random_spans_noise_mask, row_counts
 from lmobjectives.tokenizer.special import SpecialIds
 
 # --------------------------------------------------------------------------- inputs / targets
@@ -161,16 +161,6 @@ def _targets_side(tokens: np.ndarray, noise: np.ndarray, opens: np.ndarray, n_op
 
 
 # --------------------------------------------------------------------------- lengths
-
-
-def row_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
-    """``noise_counts`` for one row in plain Python (no array overhead; same rounding:
-    Python's ``round`` and ``np.round`` both round halves to even)."""
-    if length < 2:
-        return 0, 0
-    noise = min(max(round(length * float(noise_density)), 1), length - 1)
-    spans = min(max(round(noise / float(mean_span)), 1), length - noise)
-    return noise, spans
 
 
 def corrupted_lengths(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:

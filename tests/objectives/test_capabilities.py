@@ -48,12 +48,17 @@ def test_the_shipped_declarations():
     assert capabilities("mtp").model_kind == "mtp" and capabilities("clm").model_kind == "standard"
 
 
+def test_how_it_infills_must_be_declared():
+    with pytest.raises(TypeError):
+        Capabilities(architectures=("decoder",))  # type: ignore[call-arg]
+
+
 @pytest.mark.parametrize("bad", [dict(architectures=()), dict(architectures=("rnn",)),
                                  dict(infill="telepathy"), dict(accuracy_key="f1"),
                                  dict(model_kind="moe"), dict(mode_token="no_such_token")])
 def test_capabilities_reject_unknown_values(bad):
     with pytest.raises(ValueError):
-        Capabilities(**{"architectures": ("decoder",), **bad})
+        Capabilities(**{"architectures": ("decoder",), "infill": "left_to_right", **bad})
 
 
 def test_a_masked_diffusion_objective_fits_the_declaration():

@@ -67,12 +67,15 @@ class Capabilities:
     ``drafts_tokens``: its model carries draft heads for self-speculative decoding.
     ``model_kind``: which model + loss the train loop builds for it (``MODEL_KINDS``).
 
+    Only ``architectures`` and ``infill`` must be given; the defaults are what a plain
+    next-token or denoising objective has (``accuracy``, no mode token, no drafts, standard).
+
     A masked-diffusion objective would declare ``Capabilities(architectures=("encoder",),
     infill="unmasking", accuracy_key="masked_accuracy")``.
     """
 
     architectures: tuple[str, ...]
-    infill: str = "left_to_right"
+    infill: str  # no default: how a model fills a gap is every objective's own decision
     infill_benchmark: bool = False
     accuracy_key: str = "accuracy"
     mode_token: str | None = None

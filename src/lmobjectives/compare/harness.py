@@ -123,7 +123,7 @@ def _shared_store(out: Path, tree: dict[str, Any], corpus: list[str] | None, sto
     from lmobjectives.store.prepare import prepare_store
     from lmobjectives.store.store import TokenStore
     from lmobjectives.tokenizer import tokenizer_fingerprint
-    from lmobjectives.train.setup import resolve_tokenizer
+    from lmobjectives.spec import resolve_tokenizer
 
     if store is not None:
         TokenStore(store)  # a clear error now if it is not a store
@@ -179,7 +179,7 @@ def _store_summary(store_path: str) -> dict[str, Any]:
 def train_or_reuse(cfg: RunConfig, *, overwrite: bool, progress: bool,
                    say: Callable[[str], None]) -> str:
     """Train ``cfg`` into ``cfg.out``, reusing a finished matching run, resuming a started one."""
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     run_dir = Path(cfg.out)
     start_over = False
@@ -334,7 +334,7 @@ def compare(
 ) -> CompareResult:
     """Train (or reuse) one run per objective under an equal token budget; write the report."""
     from lmobjectives.report.comparison import write_report
-    from lmobjectives.train.setup import select_device
+    from lmobjectives.runtime import select_device
 
     _check_sources_and_budget(corpus, store, steps, tokens)
     out = Path(out)

@@ -59,6 +59,7 @@ def train(
     nproc: Optional[int] = typer.Option(None, help="Processes on this machine (starts torchrun; one per GPU)."),
     strategy: Optional[str] = typer.Option(None, help="Several processes: ddp (default) or fsdp."),
     allow_reshard: bool = typer.Option(False, help="Resume on a different number of processes."),
+    log: Optional[List[str]] = typer.Option(None, help="Also log to tensorboard and/or wandb (repeatable; metrics.jsonl is always written)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model (no arguments: the default job on the embedded default corpus).
@@ -79,7 +80,7 @@ def train(
              "train.checkpoint_every": checkpoint_every, "out": out,
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
              "train.new_embeddings_first": train_new_embeddings_first,
-             "distributed.strategy": strategy}
+             "distributed.strategy": strategy, "log.backends": log}
     if mix:
         from lmobjectives.train.continual import parse_mix
 
@@ -88,9 +89,9 @@ def train(
         flags["data.mix"] = parse_mix(mix)
     given = {k: v for k, v in flags.items() if v not in (None, [])}
     if resume:
-        extra = set(given) - {"train.steps"}
+        extra = set(given) - {"train.steps", "log.backends"}
         if extra or config or set_:
-            raise UserError("--resume continues a run with its own config; only --steps may change "
+            raise UserError("--resume continues a run with its own config; only --steps may change (and --log) "
                             f"(got {', '.join(sorted(extra)) or 'a config'})")
         cfg = load_run_config(Path(resume), given)
         say(f"resuming {resume} (weights, optimizer, data position and RNG restored)")
@@ -153,7 +154,8 @@ def prepare(
     val_fraction: float = typer.Option(0.01, help="Share of documents held out (by document hash)."),
     seed: int = typer.Option(0, help="Seed of the split."),
     encoding: str = typer.Option("skip", help="strict | replace | skip undecodable files."),
-    text_field: str = typer.Option("text", help="JSONL field / parquet column with the text."),
+    text_field: str = typer.Option("text", help="JSONL field / parquet, Arrow or HF datasets column with the text."),
+    split: str = typer.Option("train", help="Split of an HF DatasetDict directory."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Tokenize a corpus into a token store (memmap shards + manifest)."""
@@ -163,7 +165,8 @@ def prepare(
     if encoding not in ("strict", "replace", "skip"):
         raise UserError(f"--encoding must be strict, replace or skip, not '{encoding}'")
     store = prepare_store(corpus, load_tokenizer(tokenizer), out, val_fraction=val_fraction, seed=seed,
-                          encoding=encoding, text_field=text_field, progress=not json_out)
+                          encoding=encoding, text_field=text_field, split=split,
+                          progress=not json_out)
     m = store.manifest
     if json_out:
         _print_json(m)
@@ -179,13 +182,16 @@ def tokenizer_train(
     vocab_size: int = typer.Option(8192, help="Vocabulary size, special tokens included."),
     out: str = typer.Option(..., help="Directory for the HF tokenizer."),
     encoding: str = typer.Option("skip", help="strict | replace | skip undecodable files."),
+    text_field: str = typer.Option("text", help="JSONL field / parquet, Arrow or HF datasets column with the text."),
+    split: str = typer.Option("train", help="Split of an HF DatasetDict directory."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a byte-level BPE tokenizer with the reserved special tokens."""
     from lmobjectives.corpus import iter_documents
     from lmobjectives.tokenizer import save_hf_tokenizer, tokenizer_fingerprint, train_tokenizer
 
-    tok = train_tokenizer((d.text for d in iter_documents(corpus, encoding=encoding)), vocab_size, None)
+    tok = train_tokenizer((d.text for d in iter_documents(corpus, encoding=encoding, text_field=text_field,
+                                                                 split=split)), vocab_size, None)
     save_hf_tokenizer(tok, out)
     info = {"out": out, "vocab_size": tok.get_vocab_size(), "fingerprint": tokenizer_fingerprint(tok)}
     _print_json(info) if json_out else _say(f"tokenizer {out}: {info['vocab_size']} tokens")

@@ -44,6 +44,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.01, ge=0, lt=1)
     encoding: Literal["strict", "replace", "skip"] = "skip"
     text_field: str = "text"
+    split: str = "train"  # the split of an HF datasets directory (``DatasetDict.save_to_disk``)
 
 
 class TrainConfig(_Strict):
@@ -87,6 +88,14 @@ class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
+class LogConfig(_Strict):
+    """Experiment trackers fed on top of ``metrics.jsonl`` (``train/trackers.py``); changing
+    them does not change the training, so a resumed run may add or drop one."""
+
+    backends: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    wandb_project: str = "lmobjectives"
+
+
 class RunConfig(_Strict):
     # The default job: a code model, CLM + FIM at rate 0.5 (FIM paper: infilling "for free").
     objective: str = "fim"
@@ -96,6 +105,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
 
     @model_validator(mode="before")

@@ -6,6 +6,8 @@ Formats, chosen by file name (case-insensitive):
   one row = one document, source `PATH:LINE` (1-based). Blank lines are ignored.
 * `*.parquet`: column `text_field` (string or binary); one row = one document, source
   `PATH:ROW` (1-based).
+* an HF `datasets` directory (`save_to_disk`) and `*.arrow` files: column `text_field`, the
+  split `split` of a `DatasetDict`; one row = one document (see `corpus.hf_datasets`).
 * anything else: plain text or source code, one file = one document, source `PATH`.
   A leading UTF-8 byte-order mark is dropped; nothing else is changed (line endings kept).
 * `"default"`, `"default:code"`, `"default:prose"`: the embedded default corpus
@@ -53,6 +55,7 @@ from typing import BinaryIO, Literal
 import zstandard
 
 from lmobjectives.corpus import default as default_corpus
+from lmobjectives.corpus import hf_datasets
 from lmobjectives.errors import UserError
 
 EncodingPolicy = Literal["strict", "replace", "skip"]
@@ -132,6 +135,8 @@ def _expand(arg: str) -> list[Path]:
     path = Path(arg)
     if not path.exists():
         raise UserError(f"corpus path {arg!r} does not exist")
+    if hf_datasets.is_datasets_dir(path):
+        return [path]  # one dataset, read through its own format
     if path.is_dir():
         files = _walk(path)
         if not files:
@@ -157,7 +162,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str) -> dict[str, str]:
+def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str, *, split: str = "train") -> dict[str, str]:
     """`{path: sha256 of its bytes}` for every corpus file, in reading order.
 
     A default-corpus spec contributes one entry per part instead of one per file:
@@ -172,7 +177,11 @@ def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str) -> dict[str
             plain.append(arg)
     if plain:
         for p in resolve_files(plain):
-            out[str(p)] = _sha256_file(p)
+            if hf_datasets.is_datasets_dir(p):
+                key, fingerprint = hf_datasets.datasets_fingerprint(p, split)
+                out[key] = fingerprint
+            else:
+                out[str(p)] = _sha256_file(p)
     if not out:
         raise UserError("no corpus paths given")
     return out
@@ -181,9 +190,11 @@ def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str) -> dict[str
 class _Reader:
     """Shared state for one `iter_documents` call: policy, counters, warning sink."""
 
-    def __init__(self, policy: str, text_field: str, warn: Callable[[str], None], stats: CorpusStats):
+    def __init__(self, policy: str, text_field: str, warn: Callable[[str], None], stats: CorpusStats,
+                 split: str = "train"):
         self.policy = policy
         self.text_field = text_field
+        self.split = split
         self.warn = warn
         self.stats = stats
 
@@ -431,6 +442,10 @@ def _split_lines(head: bytes, f: BinaryIO) -> Iterator[bytes]:
 
 
 def _file_format(path: Path) -> str:
+    if hf_datasets.is_datasets_dir(path):
+        return "datasets"
+    if hf_datasets.is_arrow_file(path):
+        return "arrow"
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
         return "jsonl"
@@ -444,6 +459,7 @@ def iter_documents(
     *,
     encoding: EncodingPolicy = "skip",
     text_field: str = "text",
+    split: str = "train",
     warn: Callable[[str], None] = _print_warning,
     stats: CorpusStats | None = None,
 ) -> Iterator[Document]:
@@ -455,7 +471,7 @@ def iter_documents(
     if encoding not in ENCODING_POLICIES:
         raise UserError(f"encoding policy must be one of {', '.join(ENCODING_POLICIES)}, not {encoding!r}")
     stats = stats if stats is not None else CorpusStats()
-    reader = _Reader(encoding, text_field, warn, stats)
+    reader = _Reader(encoding, text_field, warn, stats, split)
     for kind, path in _reading_plan(_as_list(paths)):
         if kind == "prose":
             for name, text in default_corpus.default_prose_topics():
@@ -467,6 +483,10 @@ def iter_documents(
             yield from reader.read_jsonl(path)
         elif fmt == "parquet":
             yield from reader.read_parquet(path)
+        elif fmt == "datasets":
+            yield from hf_datasets.read_datasets_dir(path, reader, split)
+        elif fmt == "arrow":
+            yield from hf_datasets.read_arrow_file(path, reader)
         else:
             yield from reader.read_plain(path)
     if stats.documents == 0:

@@ -25,6 +25,7 @@ from lmobjectives.train.distributed import (World, barrier, broadcast_object, ex
                                             parallelize)
 from lmobjectives.train.loop import Stop, Trainer
 from lmobjectives.train.setup import Run, default_run_dir, open_run, seed_everything, write_run_files
+from lmobjectives.train.trackers import Trackers, check_installed, open_trackers
 from lmobjectives.util import atomic_write_json
 
 
@@ -93,6 +94,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
 def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite: bool, force: bool,
            allow_reshard: bool, progress: bool, say: Callable[[str], None]) -> TrainResult:
     lead = world.rank == 0
+    if lead:
+        check_installed(cfg.log.backends)  # before any data is prepared
     if resume is not None:
         run_dir = Path(resume)
     else:
@@ -121,11 +124,27 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
     procs = (f", {world.world_size} processes ({cfg.distributed.strategy})" if world.distributed else "")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
         f"({n_params / 1e6:.1f} M parameters), {cfg.train.steps} steps{procs}")
+    trackers = Trackers()
+    if lead and run.cfg.log.backends:
+        trackers = open_trackers(run.cfg.log.backends, run_dir, run.cfg.model_dump(mode="json"),
+                                 wandb_project=run.cfg.log.wandb_project,
+                                 warn=lambda m: say(f"warning: {m}"))
+    trainer.on_log = trackers.log
+    try:
+        return _fit(run, trainer, run_dir, started, trackers, say)
+    finally:
+        trackers.close()
+
+
+def _fit(run: Run, trainer: Trainer, run_dir: Path, started: str, trackers: Trackers,
+         say: Callable[[str], None]) -> TrainResult:
+    lead = run.rank == 0
     stopped = False
 
     def on_eval() -> None:
         if lead:
             plot_loss(run_dir)
+            trackers.image(run_dir / "loss.png", trainer.step)
 
     # From here to the end a SIGTERM only sets the stop flag (``fit`` saves at the next step
     # boundary); after ``fit`` a late or repeated SIGTERM must not kill the process half-way
@@ -139,7 +158,7 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             stopped = True
             say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
                 f"Continue with: lmobj train --resume {run_dir}")
-        return _finish(run, trainer, run_dir, started, last, stopped)
+        return _finish(run, trainer, run_dir, started, last, stopped, trackers)
 
 
 @contextmanager
@@ -155,7 +174,7 @@ def _sigterm_sets(trainer: Trainer) -> Iterator[None]:
 
 
 def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
-            stopped: bool) -> TrainResult:
+            stopped: bool, trackers: Trackers) -> TrainResult:
     """Final evaluation and export (skipped when stopped: a resume redoes them)."""
     lead = run.rank == 0
     ev: dict[str, Any] = {}
@@ -168,6 +187,7 @@ def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[
         export_final(run, run_dir / "final")
     if lead:
         plot_loss(run_dir)
+        trackers.image(run_dir / "loss.png", trainer.step)
     barrier()
     return TrainResult(run_dir=run_dir, started=started, final=last, eval=ev, stopped=stopped)
 

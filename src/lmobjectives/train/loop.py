@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -98,6 +98,7 @@ class Trainer:
         self._stop_agreed = False  # the stop flag as all ranks saw it in the last step
         self.reshard_note: str | None = None
         self.warmup = round(self.cfg.train.warmup_fraction * self.cfg.train.steps)
+        self.on_log: Callable[[dict[str, Any]], None] | None = None  # e.g. experiment trackers
 
     # ---------------------------------------------------------------- state
     def lr(self, step: int) -> float:
@@ -218,6 +219,8 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
 
     # ---------------------------------------------------------------- the step
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:

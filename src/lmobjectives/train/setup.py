@@ -138,7 +138,8 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     own = run_dir / "tokenizer"
     if (own / "tokenizer.json").is_file():
         return load_tokenizer(str(own)), str(own)
-    texts = (doc.text for doc in iter_documents(corpus, encoding=d.encoding, text_field=d.text_field))
+    texts = (doc.text for doc in iter_documents(corpus, encoding=d.encoding, text_field=d.text_field,
+                                                    split=d.split))
     tok = train_tokenizer(texts, DEFAULT_VOCAB, None)
     save_hf_tokenizer(tok, own)
     return tok, str(own)
@@ -201,7 +202,7 @@ def resolve_sources(cfg: RunConfig, run_dir: Path, tokenizer: Any, progress: boo
         if not (store_dir / "manifest.json").is_file():
             prepare_store(corpus, tokenizer, store_dir, val_fraction=d.val_fraction,
                           seed=cfg.train.seed, encoding=d.encoding, text_field=d.text_field,
-                          progress=progress)
+                          split=d.split, progress=progress)
         store = TokenStore(store_dir)
         store.check_tokenizer(fp)
         sources.append(Source(name, store, weight))
@@ -302,6 +303,9 @@ def config_hash(cfg: RunConfig) -> str:
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
         tree["train"].pop(key, None)
     tree.pop("out", None)
+    tree.pop("log", None)  # trackers watch the run; they do not change it
+    if tree["data"].get("split") == "train":
+        tree["data"].pop("split")  # runs from before the key existed keep their hash
     return stable_hash(tree)
 
 

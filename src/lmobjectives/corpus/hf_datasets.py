@@ -77,10 +77,19 @@ def _dict_splits(path: Path) -> list[str]:
 
 
 def _rows_in(split_dir: Path) -> int | None:
+    """Rows of a saved split, from its Arrow files' batch headers (memory-mapped, the text is
+    not read); None when the folder is not readable as one."""
+    import pyarrow as pa
+
     try:
-        info = json.loads((split_dir / "dataset_info.json").read_text())
-        return sum(s.get("num_examples", 0) for s in (info.get("splits") or {}).values()) or None
-    except (OSError, ValueError, AttributeError):
+        state = json.loads((split_dir / DATASET_STATE).read_text())
+        files = [split_dir / f["filename"] for f in state.get("_data_files", [])]
+        total = 0
+        for f in files:
+            with pa.memory_map(str(f)) as source:
+                total += sum(b.num_rows for b in pa.ipc.open_stream(source))
+        return total
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
         return None
 
 
@@ -100,6 +109,8 @@ def _load(path: Path, split: str) -> Any:
         raise UserError(f"{path} is an HF datasets directory; reading it needs the datasets "
                         f"package: {INSTALL_HINT}") from None
     split_dir = _split_dir(path, split)
+    if _rows_in(split_dir) == 0:  # datasets itself cannot load a split with no Arrow data
+        _empty(path, split)
     try:
         ds = datasets.load_from_disk(str(split_dir))
     except (OSError, ValueError, KeyError) as exc:
@@ -154,16 +165,20 @@ def _finish(reader: RowReader, where: str, rows: int, bad: list[int]) -> None:
         reader.warn(f"{where}: skipped {len(bad)} undecodable row(s); first at row {bad[0]}")
 
 
+def _empty(path: Path, split: str) -> None:
+    if not (path / DATASET_DICT).is_file():
+        raise UserError(f"{path} is empty (0 rows)")
+    raise UserError(f"split {split!r} of {path} is empty (0 rows); splits: "
+                    f"{_describe_splits(path, _dict_splits(path))}; set data.split (--split)")
+
+
 def read_datasets_dir(path: Path, reader: RowReader, split: str) -> Iterator[Any]:
     """Documents of a ``save_to_disk`` directory, ``BATCH_ROWS`` rows at a time."""
     ds = _load(path, split)
     where = f"{path}[{split}]" if (path / DATASET_DICT).is_file() else str(path)
     _check_column(ds.data.schema, where, reader.text_field)
     if len(ds) == 0:
-        if not (path / DATASET_DICT).is_file():
-            raise UserError(f"{path} is empty (0 rows)")
-        raise UserError(f"split {split!r} of {path} is empty (0 rows); splits: "
-                        f"{_describe_splits(path, _dict_splits(path))}; set data.split (--split)")
+        _empty(path, split)
     rows, bad = 0, []
     # The "arrow" format hands out zero-copy slices of the memory-mapped table.
     for batch in ds.select_columns([reader.text_field]).with_format("arrow").iter(batch_size=BATCH_ROWS):

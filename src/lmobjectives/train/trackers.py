@@ -23,6 +23,8 @@ records are all still in ``metrics.jsonl``).
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -186,9 +188,9 @@ def wandb_run_id(run_dir: Path) -> str:
     info_path = run_dir / "run.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if not info.get(WANDB_ID_KEY):
-        import wandb
-
-        info[WANDB_ID_KEY] = wandb.util.generate_id()
+        # W&B's own ids: 8 characters of [a-z0-9]
+        alphabet = string.ascii_lowercase + string.digits
+        info[WANDB_ID_KEY] = "".join(secrets.choice(alphabet) for _ in range(8))
         atomic_write_json(info_path, info)
     return info[WANDB_ID_KEY]
 

@@ -50,7 +50,7 @@ def test_tensorboard_event_file_equals_metrics_jsonl(small_store, tmp_path):
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in train]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in train], rel=1e-6)
-    by_tokens = acc.Scalars("train_by_tokens/loss")
+    by_tokens = _events(run / "tensorboard" / "by_tokens").Scalars("train_by_tokens/loss")
     assert [e.step for e in by_tokens] == [r["tokens"] for r in train]
     for key in ("lr", "grad_norm", "tokens_per_second"):
         assert [e.value for e in acc.Scalars(f"train/{key}")] == pytest.approx([r[key] for r in train], rel=1e-6)
@@ -60,6 +60,34 @@ def test_tensorboard_event_file_equals_metrics_jsonl(small_store, tmp_path):
     tags = acc.Tags()
     assert acc.PluginTagToContent("hparams")  # the config as hyper-parameters
     assert "config/text_summary" in tags["tensors"]
+
+
+def _events(path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_after_resume_holds_each_step_once(small_store, tmp_path):
+    """Steps logged after the checkpoint a run resumes from are redone; TensorBoard's purge
+    drops the first copies, so the event file again equals metrics.jsonl."""
+    import shutil
+
+    run = tmp_path / "run"
+    code, _, err = ru.run_cli(_args(small_store, run, "--log", "tensorboard", steps=5))
+    assert code == 0, err
+    shutil.rmtree(run / "checkpoints" / "step-0000005")  # as if killed after step 5's log
+    code, _, err = ru.run_cli(["train", "--resume", str(run), "--steps", "6", "--json"])
+    assert code == 0, err
+    train, _ = _records(run)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for path, tag, x in ((run / "tensorboard", "train/loss", "step"),
+                         (run / "tensorboard" / "by_tokens", "train_by_tokens/loss", "tokens")):
+        events = _events(path).Scalars(tag)
+        assert [e.step for e in events] == [r[x] for r in train]
+        assert [e.value for e in events] == pytest.approx([r["loss"] for r in train], rel=1e-6)
 
 
 def test_wandb_offline_run_keeps_its_id_on_resume(small_store, tmp_path):

@@ -127,6 +127,7 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
     trackers = Trackers()
     if lead and run.cfg.log.backends:
         trackers = open_trackers(run.cfg.log.backends, run_dir, run.cfg.model_dump(mode="json"),
+                                 resume_at=(trainer.step, trainer.tokens) if resume is not None else None,
                                  wandb_project=run.cfg.log.wandb_project,
                                  warn=lambda m: say(f"warning: {m}"))
     trainer.on_log = trackers.log

@@ -96,32 +96,41 @@ class Tracker(Protocol):
 
 
 class TensorBoardTracker:
-    """Event files in ``RUN/tensorboard/`` through ``torch.utils.tensorboard``."""
+    """Event files in ``RUN/tensorboard/`` through ``torch.utils.tensorboard``; the by-tokens
+    series in ``RUN/tensorboard/by_tokens/``, a run of its own, because a resumed run purges
+    the events logged after its checkpoint by x value (``purge_step``): steps for one series,
+    tokens for the other."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any],
+                 resume_at: tuple[int, int] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparam_summaries
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+        root = run_dir / TENSORBOARD_DIR
+        step, tokens = (resume_at[0] + 1, resume_at[1] + 1) if resume_at else (None, None)
+        self.writer = SummaryWriter(log_dir=str(root), purge_step=step)
+        self.by_tokens = SummaryWriter(log_dir=str(root / "by_tokens"), purge_step=tokens)
         # The HParams dashboard links the config to these metric tags of the same run.
         for summary in hparam_summaries(hparams(config), {"train/loss": 0.0, "eval/loss": 0.0}):
             self.writer.file_writer.add_summary(summary)
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", resume_at[0] if resume_at else 0)
         self.writer.flush()
 
     def log(self, group: str, values: dict[str, float], step: int, tokens: int) -> None:
         for key, value in values.items():
             self.writer.add_scalar(f"{group}/{key}", value, step)
-            self.writer.add_scalar(f"{group}_by_tokens/{key}", value, tokens)
+            self.by_tokens.add_scalar(f"{group}_by_tokens/{key}", value, tokens)
 
     def image(self, path: Path, step: int) -> None:
         from matplotlib.image import imread
 
         self.writer.add_image(LOSS_PLOT_TAG, imread(str(path))[..., :3], step, dataformats="HWC")
         self.writer.flush()  # at each eval, so a crash loses little
+        self.by_tokens.flush()
 
     def close(self) -> None:
         self.writer.close()
+        self.by_tokens.close()
 
 
 class WandbTracker:
@@ -196,16 +205,17 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def open_trackers(backends: list[str], run_dir: Path, config: dict[str, Any], *,
-                  wandb_project: str = "lmobjectives",
+                  resume_at: tuple[int, int] | None = None, wandb_project: str = "lmobjectives",
                   warn: Callable[[str], None] = lambda m: None) -> Trackers:
-    """Start each requested tracker, or end the run with one clear error."""
+    """Start each requested tracker, or end the run with one clear error. ``resume_at``:
+    the (step, tokens) of the checkpoint a resumed run continues from."""
     check_installed(backends)
     opened: dict[str, Tracker] = {}
     try:
         for name in dict.fromkeys(backends):  # repeated --log: once
             try:
                 if name == "tensorboard":
-                    opened[name] = TensorBoardTracker(run_dir, config)
+                    opened[name] = TensorBoardTracker(run_dir, config, resume_at)
                 else:
                     opened[name] = WandbTracker(run_dir, config, wandb_run_id(run_dir), wandb_project)
             except UserError:

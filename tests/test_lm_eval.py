@@ -25,7 +25,7 @@ LIMIT = 6
 @pytest.fixture(scope="module")
 def decoder_run(small_store, tmp_path_factory) -> Path:
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     out = tmp_path_factory.mktemp("lm_eval") / "run"
     train(build_config(tiny_tree(small_store, str(out), steps=2)), progress=False)

@@ -146,7 +146,7 @@ def test_missing_tracker_is_one_error_line_naming_the_extra(small_store, tmp_pat
 
 
 def test_tracker_that_cannot_start_ends_before_step_1(small_store, tmp_path, monkeypatch):
-    def no_space(self, run_dir, config):  # noqa: ANN001
+    def no_space(self, *args):  # noqa: ANN001, ANN002
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(trackers.TensorBoardTracker, "__init__", no_space)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from lmobjectives.errors import UserError
-from lmobjectives.infer.load import model_dir
+from lmobjectives.rundir import model_dir
 from lmobjectives.util import atomic_write_bytes
 
 INSTALL_HINT = "pip install 'lmobjectives[lm-eval]'"

@@ -30,15 +30,14 @@ from typing import Any, Callable, Protocol
 
 from lmobjectives.errors import UserError
 
-BACKENDS = ("tensorboard", "wandb")
-_EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}
+BACKENDS = ("tensorboard", "wandb")  # each is also the name of its extra
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_KEY = "wandb_run_id"
 LOSS_PLOT_TAG = "loss_plot"
 
 
 def install_hint(backend: str) -> str:
-    return f"--log {backend} needs the {backend} package: pip install 'lmobjectives[{_EXTRA[backend]}]'"
+    return f"--log {backend} needs the {backend} package: pip install 'lmobjectives[{backend}]'"
 
 
 def check_installed(backends: list[str]) -> None:
@@ -143,7 +142,6 @@ class WandbTracker:
         self._wandb = wandb
         self.run = wandb.init(project=project, dir=str(run_dir), id=run_id, resume="allow",
                               name=run_dir.name, config=config)
-        self.run.define_metric("tokens")
 
     def log(self, group: str, values: dict[str, float], step: int, tokens: int) -> None:
         self.run.log({**{f"{group}/{k}": v for k, v in values.items()}, "tokens": tokens}, step=step)

@@ -81,11 +81,19 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def measure(dataset: str, mode: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+def _written(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*.bin") if f.is_file())
+
+
+def measure(dataset: str, mode: str, progress_every: float = 0.0) -> None:
+    """``progress_every`` > 0: every so many seconds, one line on stderr with the peaks so far
+    and the token bytes the store has written (a long run that must be cut short still says
+    how far its figures reach)."""
+    with tempfile.TemporaryDirectory(dir=Path(dataset).parent) as tmp:
         proc = subprocess.Popen([sys.executable, __file__, "child", "--dataset", dataset, "--mode", mode,
                                  "--store", str(Path(tmp) / "store")], stdout=subprocess.PIPE, text=True)
         peak: dict[str, int] = {}
+        start = last = time.perf_counter()
         while proc.poll() is None:
             try:
                 for key, value in _status(proc.pid).items():
@@ -93,6 +101,11 @@ def measure(dataset: str, mode: str) -> None:
             except (OSError, ValueError):
                 pass
             time.sleep(SAMPLE_SECONDS)
+            if progress_every and time.perf_counter() - last > progress_every:
+                last = time.perf_counter()
+                print(json.dumps({"seconds": round(last - start), "token_bytes_written": _written(Path(tmp)),
+                                  **{f"peak_{k}_MiB": round(v / 2**20, 1) for k, v in peak.items()}}),
+                      file=sys.stderr, flush=True)
         result = json.loads(proc.stdout.read().strip().splitlines()[-1])
     mib = {f"peak_{k}_MiB": round(v / 2**20, 1) for k, v in peak.items()}
     print(json.dumps({"mode": mode, **result, **mib}))
@@ -106,11 +119,12 @@ def main() -> None:
     ap.add_argument("--dataset")
     ap.add_argument("--mode", choices=["read", "prepare"], default="prepare")
     ap.add_argument("--store")
+    ap.add_argument("--progress-every", type=float, default=0.0)
     a = ap.parse_args()
     if a.what == "build":
         build(a.gb, a.out)
     elif a.what == "measure":
-        measure(a.dataset, a.mode)
+        measure(a.dataset, a.mode, a.progress_every)
     else:
         child(a.dataset, a.mode, a.store)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,8 +13,6 @@ import pytest
 import runs_util as ru
 from lmobjectives.corpus import file_fingerprints, hf_datasets, iter_documents
 
-os.environ["HF_DATASETS_OFFLINE"] = "1"  # no test may reach a network
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 TEXTS = ["def f(x):\n    return x + 1\n", "The module provides a class.", "", "import os\n",
          "while True:\n    break\n", "print('hello')\n", "class A:\n    pass\n"]

@@ -4,7 +4,6 @@ lm-eval's own hf backend, checked against the same log-likelihood choice compute
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,8 +13,6 @@ import torch
 import runs_util as ru
 from conftest import tiny_tree
 
-os.environ["HF_DATASETS_OFFLINE"] = "1"  # no test may reach a network
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 TASK = Path(__file__).resolve().parent.parent / "examples" / "lm_eval" / "python_completion.yaml"
 TASK_NAME = "lmobj_python_completion"

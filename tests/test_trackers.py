@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import pytest
 import runs_util as ru
 from lmobjectives.train import trackers
 
-os.environ["WANDB_MODE"] = "offline"  # no test may reach a network
-os.environ["WANDB_SILENT"] = "true"
 
 
 def _args(store: str, out: Path, *extra: str, steps: int = 6) -> list[str]:

@@ -10,7 +10,8 @@ Tasks are lm-eval's own names (``hellaswag,arc_easy,piqa``: their data is downlo
 there is a network) or paths to task YAML files (their folder joins lm-eval's task search
 path; the task name is the file's ``task:``). With only YAML paths lm-eval's built-in
 catalogue is not even scanned, which keeps an offline check fast. The results go to
-``RUN/lm_eval.json`` (lm-eval's own results object) and lm-eval's table is printed.
+``RUN/lm_eval.json`` (``DIR/lm_eval.json`` for a bare HF directory; lm-eval's own results
+object) and lm-eval's table is printed.
 """
 
 from __future__ import annotations

@@ -93,11 +93,9 @@ def _print_warning(message: str) -> None:
 class _Reader:
     """Shared state for one `iter_documents` call: policy, counters, warning sink."""
 
-    def __init__(self, policy: str, text_field: str, warn: Callable[[str], None], stats: CorpusStats,
-                 split: str = "train"):
+    def __init__(self, policy: str, text_field: str, warn: Callable[[str], None], stats: CorpusStats):
         self.policy = policy
         self.text_field = text_field
-        self.split = split
         self.warn = warn
         self.stats = stats
 
@@ -299,7 +297,7 @@ def iter_documents(
     if encoding not in ENCODING_POLICIES:
         raise UserError(f"encoding policy must be one of {', '.join(ENCODING_POLICIES)}, not {encoding!r}")
     stats = stats if stats is not None else CorpusStats()
-    reader = _Reader(encoding, text_field, warn, stats, split)
+    reader = _Reader(encoding, text_field, warn, stats)
     for kind, path in reading_plan(as_list(paths)):
         if kind == "prose":
             for name, text in default_corpus.default_prose_topics():

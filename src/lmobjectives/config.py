@@ -101,15 +101,18 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _decoder_alias(cls, data: Any) -> Any:
-        """``architecture: decoder`` for an objective that trains decoders only as prefix LMs
-        (span, UL2, prefix) means ``prefix_lm``: the decoder-only form of that objective."""
+        """``architecture: decoder`` for an objective that trains decoders only in another
+        form means that form: ``prefix_lm`` (span, UL2, prefix) or ``bidirectional_decoder``
+        (masked diffusion: a decoder backbone with full attention inside each document)."""
         from lmobjectives.objectives import OBJECTIVES
 
         if isinstance(data, dict) and data.get("architecture") == "decoder":
             cls_ = OBJECTIVES.get(data.get("objective", cls.model_fields["objective"].default))
-            if cls_ is not None and "decoder" not in cls_.architectures \
-                    and "prefix_lm" in cls_.architectures:
-                data = {**data, "architecture": "prefix_lm"}
+            if cls_ is not None and "decoder" not in cls_.architectures:
+                form = next((a for a in ("prefix_lm", "bidirectional_decoder")
+                             if a in cls_.architectures), None)
+                if form is not None:
+                    data = {**data, "architecture": form}
         return data
 
     @model_validator(mode="before")

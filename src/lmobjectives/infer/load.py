@@ -11,6 +11,7 @@ import torch
 
 from lmobjectives.errors import UserError
 from lmobjectives.models.mtp import HEADS_JSON, load_heads
+from lmobjectives.models.presets import auto_class
 from lmobjectives.tokenizer import load_tokenizer
 from lmobjectives.tokenizer.special import SpecialIds
 
@@ -54,10 +55,10 @@ def load_model(path: str | Path) -> Loaded:
             architecture = "encoder"
         else:
             architecture = "decoder"
-    auto = {"decoder": tf.AutoModelForCausalLM, "prefix_lm": tf.AutoModelForCausalLM,
-            "encoder": tf.AutoModelForMaskedLM, "encoder_decoder": tf.AutoModelForSeq2SeqLM}[architecture]
-    # A prefix LM needs sdpa, the attention that honours its boolean 4-D mask (data/converters.py).
-    attn = "sdpa" if architecture == "prefix_lm" else None
+    auto = auto_class(architecture)
+    # Custom boolean 4-D masks (prefix LM, packed documents) need sdpa, the attention that
+    # honours them (data/converters.py).
+    attn = None if architecture == "encoder_decoder" else "sdpa"
     model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32,
                                  attn_implementation=attn)
     if (mdir / HEADS_JSON).is_file():  # a multi-token-prediction run: put its extra heads back

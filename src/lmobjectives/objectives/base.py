@@ -35,7 +35,9 @@ import numpy as np
 
 from lmobjectives.tokenizer.special import SpecialIds
 
-ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
+# bidirectional_decoder: a decoder backbone read with full (non-causal) attention inside each
+# document, labels aligned with their positions (masked diffusion on a Llama).
+ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder", "bidirectional_decoder")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class Features:
     inputs: np.ndarray | None = None  # (B, S) int32, PAD where unused
     input_lengths: np.ndarray | None = None  # (B,) int32: valid prefix of each inputs row
     target_lengths: np.ndarray | None = None  # (B,) int32: valid prefix of each targets row
+    # (B, T) float32 per-target loss weights, aligned with ``targets``; None: every scored token
+    # weighs 1. A scored token of weight 0 counts in the step's denominator but adds no loss.
+    loss_weights: np.ndarray | None = None
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per-objective stats
 
     def __post_init__(self) -> None:
@@ -89,6 +94,8 @@ class Features:
             raise ValueError(f"targets {self.targets.shape} != target_mask {self.target_mask.shape}")
         if (self.inputs is None) != (self.input_lengths is None):
             raise ValueError("inputs and input_lengths come together")
+        if self.loss_weights is not None and self.loss_weights.shape != self.targets.shape:
+            raise ValueError(f"loss_weights {self.loss_weights.shape} != targets {self.targets.shape}")
 
 
 class Objective(abc.ABC):
@@ -100,6 +107,11 @@ class Objective(abc.ABC):
     architectures: ClassVar[tuple[str, ...]]  # the first is the default
 
     specials: SpecialIds
+
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Token ids the model must never predict: their logits are −∞ in the loss and at
+        inference (masked diffusion's SUBS parameterisation never predicts MASK)."""
+        return ()
 
     def row_length(self, seq_len: int) -> int:
         """Length of the packed rows this objective needs to make features of ``seq_len``."""

@@ -245,6 +245,9 @@ class Trainer:
             begin(self.step, t.steps)
         nll = torch.zeros(len(run.module.terms), dtype=torch.float64, device=run.device)
         correct = torch.zeros_like(nll)
+        # Tokens top-1 accuracy is over, when the module says (weighted losses); else totals[0].
+        predicted = torch.zeros(1, dtype=torch.float64, device=run.device)
+        weighted = False
         for i, (batch, _, _) in enumerate(micro):
             tensors = to_torch(batch, run.device)
             sync = getattr(run.module, "no_sync", None)
@@ -255,6 +258,9 @@ class Trainer:
                 out = run.module.forward_backward(tensors, totals.float())
             nll += out["nll"].double()
             correct += out["correct"].double()
+            if "predicted" in out:
+                predicted += out["predicted"].double()[:1]
+                weighted = True
         real_by_source = np.zeros(len(run.sources))
         for _, rows, src in micro:
             np.add.at(real_by_source, np.asarray(src, dtype=np.int64),
@@ -263,10 +269,12 @@ class Trainer:
         # so that every rank logs the same numbers and stops at the same step.
         n_terms = len(nll)
         stats = self._all_reduce(torch.cat([
-            nll, correct, torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
+            nll, correct, predicted,
+            torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
             torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=run.device)]))
         nll, correct = stats[:n_terms], stats[n_terms:2 * n_terms]
-        real_by_source = stats[2 * n_terms:-1].tolist()
+        n_predicted = float(stats[2 * n_terms]) if weighted else float(totals[0])
+        real_by_source = stats[2 * n_terms + 1:-1].tolist()
         self._stop_agreed = bool(stats[-1] > 0)
         per_term = (nll / totals.clamp(min=1)).tolist()
         loss = per_term[0]
@@ -281,7 +289,7 @@ class Trainer:
             record.update({f"{name}": v for name, v in zip(run.module.terms[1:], per_term[1:])})
             record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
                            zip(run.module.terms[1:], correct.tolist()[1:], totals.tolist()[1:])})
-        record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
+        record["accuracy"] = float(correct[0] / max(n_predicted, 1))
         if only is not None:
             record["update"] = "new_rows_only"
         skip = None

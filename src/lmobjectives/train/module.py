@@ -15,6 +15,7 @@ import torch
 
 from lmobjectives.data.converters import CAUSAL_SHIFT, IGNORE
 from lmobjectives.loss import token_nll_sum
+from lmobjectives.models.presets import forward_inputs
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids",
               "decoder_attention_mask")
@@ -30,7 +31,8 @@ class TrainModule(Protocol):
     def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
                          backward: bool = True) -> dict[str, torch.Tensor]:
         """Add this micro-batch's gradient of sum(loss_term / totals[term]); return
-        per-term ``nll`` and ``correct`` sums (detached)."""
+        per-term ``nll`` and ``correct`` sums (detached), and optionally ``predicted``: the
+        tokens top-1 accuracy is over, when weights leave some scored tokens unpredicted."""
 
 
 def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -48,24 +50,29 @@ class StandardModule:
 
     terms = ("loss",)
 
-    def __init__(self, model: torch.nn.Module, architecture: str, bf16: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, architecture: str, bf16: bool = False,
+                 suppressed: tuple[int, ...] = ()) -> None:
         self.model = model
         self.shift = CAUSAL_SHIFT[architecture]
         self.bf16 = bf16
+        self.suppressed = tuple(suppressed)  # ids the objective never lets the model predict
 
     def counts(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         labels = batch["labels"][:, 1:] if self.shift else batch["labels"]
         return np.array([(labels != IGNORE).sum()], dtype=np.int64)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+        inputs = forward_inputs(self.model, {k: v for k, v in batch.items() if k in MODEL_KEYS})
         device = next(self.model.parameters()).device
         with autocast(device, self.bf16):
             return self.model(**inputs).logits  # (B, T, V)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
                          backward: bool = True) -> dict[str, torch.Tensor]:
-        nll, correct = token_nll_sum(self.logits(batch), batch["labels"], self.shift)
+        nll, correct, predicted = token_nll_sum(self.logits(batch), batch["labels"], self.shift,
+                                                weights=batch.get("loss_weights"),
+                                                suppressed=self.suppressed)
         if backward:
             (nll / totals[0].clamp(min=1)).backward()
-        return {"nll": nll.detach()[None], "correct": correct.detach()[None]}
+        return {"nll": nll.detach()[None], "correct": correct.detach()[None],
+                "predicted": predicted.detach()[None]}

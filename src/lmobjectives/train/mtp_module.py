@@ -107,7 +107,8 @@ class MTPModule:
     def _score(self, k: int, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self._device(), self.bf16):
             logits = self.model.logits(k, hidden)  # (B, T, V)
-        return token_nll_sum(logits, labels, shift=False)
+        nll, correct, _ = token_nll_sum(logits, labels, shift=False)
+        return nll, correct
 
     def _scale(self, k: int, totals: torch.Tensor) -> float | torch.Tensor:
         return self.weights[k - 1] / totals[k - 1].clamp(min=1)

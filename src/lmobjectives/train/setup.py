@@ -24,7 +24,7 @@ from lmobjectives.corpus import DEFAULT_CORPUS, iter_documents
 from lmobjectives.data.converters import CONVERTERS
 from lmobjectives.data.loader import Loader, PackedSource
 from lmobjectives.errors import UserError
-from lmobjectives.models.presets import build_model
+from lmobjectives.models.presets import auto_class, build_model
 from lmobjectives.objectives import Objective, build_objective
 from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore
@@ -216,8 +216,7 @@ def load_init_model(cfg: RunConfig, architecture: str, specials: SpecialIds, *,
     import transformers as tf
 
     src = init_dir(cfg.model.init_from)
-    auto = {"decoder": tf.AutoModelForCausalLM, "prefix_lm": tf.AutoModelForCausalLM,
-            "encoder": tf.AutoModelForMaskedLM, "encoder_decoder": tf.AutoModelForSeq2SeqLM}[architecture]
+    auto = auto_class(architecture)
     try:
         config = tf.AutoConfig.from_pretrained(str(src), trust_remote_code=False)
         fit_context(config, positions, cfg.model.rope_theta)
@@ -286,7 +285,8 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     else:
         # torch.compile wraps the same parameters: checkpoints and export use the plain model.
         forward_model = torch.compile(model) if cfg.model.compile else model
-        module = StandardModule(forward_model, architecture, bf16=bf16)
+        module = StandardModule(forward_model, architecture, bf16=bf16,
+                                suppressed=objective.suppressed_ids())
     info = {"tokenizer": tok_from, "init_from": cfg.model.init_from, "init": init_info or None,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in sources}}

@@ -38,7 +38,8 @@ def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 
     batch = CONVERTERS[arch](features, specials)
     out: dict[str, Any] = {"objective": objective, "architecture": arch, "seed": seed}
     for key, value in batch.items():
-        out[key] = np.asarray(value)[0].astype(int).tolist()
+        row = np.asarray(value)[0]
+        out[key] = row.round(6).tolist() if row.dtype.kind == "f" else row.astype(int).tolist()
     # Per-row facts the objective reports (UL2: which denoiser), for checks over many seeds.
     out["extras"] = {k: np.asarray(v)[0].tolist() for k, v in features.extras.items()}
     out["special_tokens"] = specials.as_dict()
@@ -65,6 +66,11 @@ def render(shown: dict[str, Any], tokenizer) -> str:  # noqa: ANN001
     labels = shown["labels"]
     scored = [i for i in labels if i != IGNORE]
     lines += [f"--- labels ({len(scored)} scored of {len(labels)})", text(scored)]
+    if "loss_weights" in shown:
+        weights = [w for w, i in zip(shown["loss_weights"], labels) if i != IGNORE]
+        nonzero = sorted({w for w in weights if w})
+        lines.append(f"--- loss_weights: {sum(1 for w in weights if w)} of {len(weights)} scored "
+                     f"tokens weigh {', '.join(f'{w:g}' for w in nonzero) or 'nothing'}, the rest 0")
     if shown.get("extras"):
         lines.append("--- extras: " + ", ".join(f"{k} {v}" for k, v in shown["extras"].items()))
     return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Reverse diffusion for masked diffusion models (MDLM §3.3 ancestral sampler, log-linear
+schedule α_t = 1 − t, no time conditioning).
+
+Start from a sequence whose unknown positions hold MASK, at time t = 1. Step from t to
+s = t − 1/S: every position still masked is revealed with probability (α_s − α_t)/(1 − α_t)
+= (t − s)/t, its token drawn from the model's distribution at that position (SUBS: MASK has
+probability 0); revealed positions and the given ones never change. At s = 0 the
+probability is 1, so no mask is left after S steps. The model takes no time input, so its
+output changes only when the sequence does: MDLM's ``_ddpm_caching_update`` keeps it while
+steps reveal nothing. Here the reveal draw (which does not depend on the model) comes first
+and the model is called only in steps that reveal something, which is the same cache with
+no stale copy kept; ``forward_passes`` counts the real calls.
+
+Worked example, 2 masks, S = 2: step 1 (t = 1 -> 0.5) reveals each mask with probability
+0.5; step 2 (0.5 -> 0) reveals whatever is left. With S ≥ number of masks and a step that
+reveals nothing, the model is not called again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmobjectives.data.converters import CONVERTERS
+from lmobjectives.models.presets import forward_inputs
+from lmobjectives.objectives.base import Features
+from lmobjectives.tokenizer.special import SpecialIds
+
+
+@dataclass
+class Filled:
+    tokens: list[int]  # the whole sequence, every mask filled
+    forward_passes: int
+    steps: int
+
+
+def model_batch(ids: np.ndarray, architecture: str, specials: SpecialIds) -> dict[str, np.ndarray]:
+    """One sequence as the model saw documents in training: one document, positions from 0,
+    full attention (the training converter of ``architecture`` builds the mask)."""
+    row = ids[None].astype(np.int32)  # (1, T)
+    f = Features(targets=row, target_mask=np.zeros_like(row, dtype=bool),
+                 positions=np.arange(row.shape[1], dtype=np.int32)[None], inputs=row,
+                 input_lengths=np.array([row.shape[1]], dtype=np.int32))
+    return CONVERTERS[architecture](f, specials)
+
+
+@torch.no_grad()
+def denoiser_logits(model, ids: np.ndarray, architecture: str, specials: SpecialIds) -> torch.Tensor:  # noqa: ANN001
+    """(T, V) float32 logits of the clean tokens given ``ids``; MASK never predicted (SUBS)."""
+    device = next(model.parameters()).device
+    batch = model_batch(ids, architecture, specials)
+    inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()
+              if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**forward_inputs(model, inputs)).logits[0].float()  # (T, V)
+    logits[:, specials.mask] = float("-inf")
+    return logits
+
+
+def draw_tokens(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """(N,) tokens from (N, V) logits: argmax at temperature 0, else softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@torch.no_grad()
+def reverse_diffusion(model, ids: list[int], architecture: str, specials: SpecialIds, *,  # noqa: ANN001
+                      steps: int, temperature: float = 0.0, seed: int = 0) -> Filled:
+    """Fill every MASK of ``ids`` in ``steps`` ancestral steps (see the module docstring)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    z = np.asarray(ids, dtype=np.int64)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    passes = 0
+    try:
+        for k in range(steps, 0, -1):
+            masked = np.flatnonzero(z == specials.mask)
+            if masked.size == 0:
+                break
+            t, s = k / steps, (k - 1) / steps
+            reveal = torch.rand(masked.size, generator=gen).numpy() < (t - s) / t  # s = 0: all
+            if not reveal.any():
+                continue  # nothing changes: the model's last output would still hold
+            logits = denoiser_logits(model, z, architecture, specials).cpu()  # (T, V)
+            passes += 1
+            where = masked[reveal]
+            z[where] = draw_tokens(logits[torch.from_numpy(where)], temperature, gen).numpy()
+    finally:
+        model.train(was_training)
+    return Filled(tokens=z.tolist(), forward_passes=passes, steps=steps)

@@ -19,11 +19,13 @@ reveals nothing, the model is not called again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmobjectives.data.converters import CONVERTERS
+from lmobjectives.errors import UserError
 from lmobjectives.models.presets import forward_inputs
 from lmobjectives.objectives.base import Features
 from lmobjectives.tokenizer.special import SpecialIds
@@ -93,3 +95,53 @@ def reverse_diffusion(model, ids: list[int], architecture: str, specials: Specia
     finally:
         model.train(was_training)
     return Filled(tokens=z.tolist(), forward_passes=passes, steps=steps)
+
+
+# ------------------------------------------------------------------ generate and infill
+DEFAULT_STEPS_PER_TOKEN = 1  # S = number of masks by default: about one token revealed per step
+
+
+def _result(loaded, filled: Filled, new: list[int]) -> dict[str, Any]:  # noqa: ANN001 - Loaded
+    text_ids = [t for t in filled.tokens if t != loaded.specials.eos]
+    return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False),
+            "tokens": new, "forward_passes": filled.forward_passes,
+            "diffusion_steps": filled.steps}
+
+
+def diffusion_generate(loaded, prompt: str, *, max_new_tokens: int = 64,  # noqa: ANN001
+                       steps: int | None = None, temperature: float = 0.0,
+                       seed: int = 0) -> dict[str, Any]:
+    """Continue ``prompt`` with ``max_new_tokens`` tokens: start from that many masks after it
+    and run the reverse process for ``steps`` steps (default: one per new token). The text
+    returned is the prompt and its continuation."""
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
+    ids = prompt_ids + [loaded.specials.mask] * max_new_tokens
+    filled = reverse_diffusion(loaded.model, ids, loaded.architecture, loaded.specials,
+                               steps=_steps(steps, max_new_tokens), temperature=temperature,
+                               seed=seed)
+    return _result(loaded, filled, filled.tokens[len(prompt_ids):])
+
+
+def diffusion_infill(loaded, text: str, *, steps: int | None = None,  # noqa: ANN001
+                     temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Fill every ``<|mask|>`` of ``text`` (one token each), anywhere, in any order."""
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False).ids
+    holes = [i for i, t in enumerate(ids) if t == loaded.specials.mask]
+    if not holes:
+        raise UserError("--text has no <|mask|> to fill")
+    filled = reverse_diffusion(loaded.model, ids, loaded.architecture, loaded.specials,
+                               steps=_steps(steps, len(holes)), temperature=temperature, seed=seed)
+    return {**_result(loaded, filled, [filled.tokens[i] for i in holes]),
+            "positions": holes,
+            "fills": [loaded.tokenizer.decode([filled.tokens[i]], skip_special_tokens=False)
+                      for i in holes]}
+
+
+def _steps(steps: int | None, n_masks: int) -> int:
+    if steps is None:
+        return max(1, n_masks * DEFAULT_STEPS_PER_TOKEN)
+    if steps < 1:
+        raise UserError("--diffusion-steps must be >= 1")
+    return steps

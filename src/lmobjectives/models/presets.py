@@ -91,14 +91,6 @@ def model_class(architecture: str):  # -> type[transformers.PreTrainedModel]
             "t5": tf.T5ForConditionalGeneration}[FAMILY[architecture]]
 
 
-def auto_class(architecture: str):  # -> a transformers Auto class
-    """The HF Auto class that loads an exported model of ``architecture``."""
-    import transformers as tf
-
-    return {"llama": tf.AutoModelForCausalLM, "modernbert": tf.AutoModelForMaskedLM,
-            "t5": tf.AutoModelForSeq2SeqLM}[FAMILY[architecture]]
-
-
 def forward_inputs(model, inputs: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     """The model's keyword inputs. A custom 4-D mask (packed documents kept apart) reaches
     every layer of a model as it is, so a model with sliding-window layers (ModernBERT: local
@@ -132,3 +124,16 @@ def build_model(preset: str, architecture: str, specials: SpecialIds, max_positi
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# The transformers auto class that loads each architecture's model from a directory.
+AUTO_CLASS_NAMES = {"decoder": "AutoModelForCausalLM", "prefix_lm": "AutoModelForCausalLM",
+                    "encoder": "AutoModelForMaskedLM", "encoder_decoder": "AutoModelForSeq2SeqLM",
+                    "bidirectional_decoder": "AutoModelForCausalLM"}
+
+
+def auto_class(architecture: str) -> Any:
+    """``transformers.AutoModelFor...`` for ``architecture`` (imported on first use)."""
+    import transformers as tf
+
+    return getattr(tf, AUTO_CLASS_NAMES[architecture])

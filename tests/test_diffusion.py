@@ -19,7 +19,8 @@ from lmobjectives.infer.diffusion import reverse_diffusion
 from lmobjectives.objectives.base import Rows
 from lmobjectives.objectives.mdlm import MDLM
 from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
-from lmobjectives.train.module import StandardModule, to_torch
+from lmobjectives.runtime import to_torch
+from lmobjectives.step.standard import StandardModule
 
 SP = SpecialIds.default(len(SPECIAL_TOKENS) + 4)  # four ordinary tokens
 WORDS = list(range(len(SPECIAL_TOKENS), SP.vocab_size))
@@ -111,7 +112,7 @@ def test_sampler_fills_exactly_the_masks(steps):
 def trained(small_store, tmp_path_factory):
     from conftest import tiny_tree
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     tree = tiny_tree(small_store, str(tmp_path_factory.mktemp("mdlm") / "run"), steps=8, lr=1e-2)
     tree["objective"] = "mdlm"
@@ -142,7 +143,7 @@ def test_resumed_run_is_bit_identical(trained, small_store, tmp_path):
 
     from conftest import tiny_tree
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     crashed = tmp_path / "crashed"
     shutil.copytree(trained, crashed)

@@ -193,3 +193,29 @@ def test_packed_documents_never_see_each_other(architecture):
         with torch.no_grad():
             plain = model(input_ids=torch.tensor([a])).logits[0]
         assert torch.allclose(plain, logits(a), atol=1e-4)
+
+
+def test_cli_eval_generate_infill(trained):
+    from runs_util import run_cli
+
+    code, out, err = run_cli(["eval", str(trained), "--batches", "1"])
+    assert code == 0, err
+    assert "bits_per_byte_bound: ≤ " in out and " ± " in out
+    code, out, _ = run_cli(["eval", str(trained), "--batches", "1", "--json"])
+    res = json.loads(out)
+    assert res["bits_per_byte"] is None and res["bits_per_byte_bound"] > 0
+    assert res["bits_per_byte_bound_se"] > 0 and res["bound_samples"] == 4
+    assert 0 <= res["masked_accuracy_t0.15"] <= 1 and 0 <= res["masked_accuracy_t0.5"] <= 1
+    code, out, err = run_cli(["generate", str(trained), "--prompt", "import", "--max-new-tokens", "6",
+                              "--diffusion-steps", "3", "--json"])
+    assert code == 0, err
+    g = json.loads(out)
+    assert len(g["tokens"]) == 6 and 1 <= g["forward_passes"] <= 3 and g["diffusion_steps"] == 3
+    code, out, err = run_cli(["infill", str(trained), "--text", "a <|mask|> b<|mask|><|mask|> c", "--json"])
+    assert code == 0, err
+    f = json.loads(out)
+    assert len(f["tokens"]) == 3 and "<|mask|>" not in f["text"]
+    code, _, err = run_cli(["infill", str(trained), "--prefix", "a", "--suffix", "b"])
+    assert code == 2 and "<|mask|>" in err and "Traceback" not in err
+    code, _, err = run_cli(["generate", str(trained), "--diffusion-steps", "0"])
+    assert code == 2 and "--diffusion-steps" in err

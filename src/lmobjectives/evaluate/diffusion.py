@@ -112,6 +112,17 @@ def diffusion_eval(model, objective: Objective, architecture: str, rows_list: li
     return out
 
 
+def likelihood_bound(spec, model, rows_list: list[Rows], device: torch.device) -> dict[str, Any] | None:  # noqa: ANN001
+    """The bound and fixed-t accuracies for a run whose objective's likelihood is an ELBO
+    (``Objective.likelihood``); None for the others."""
+    if spec.objective.likelihood != "elbo":
+        return None
+    from lmobjectives.evaluate.metrics import token_byte_lengths
+
+    return diffusion_eval(model, spec.objective, spec.architecture, rows_list,
+                          token_byte_lengths(spec.tokenizer), device=device)
+
+
 def format_bound(value: float, se: float) -> str:
     """A bound as printed everywhere: "≤ 2.345 ± 0.012"."""
     return f"≤ {value:.3f} ± {se:.3f}"

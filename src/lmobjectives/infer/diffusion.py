@@ -101,19 +101,16 @@ def reverse_diffusion(model, ids: list[int], architecture: str, specials: Specia
 DEFAULT_STEPS_PER_TOKEN = 1  # S = number of masks by default: about one token revealed per step
 
 
-def _result(loaded, filled: Filled, new: list[int]) -> dict[str, Any]:  # noqa: ANN001 - Loaded
-    text_ids = [t for t in filled.tokens if t != loaded.specials.eos]
-    return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False),
-            "tokens": new, "forward_passes": filled.forward_passes,
-            "diffusion_steps": filled.steps}
+def _decode(loaded, ids: list[int]) -> str:  # noqa: ANN001 - Loaded
+    return loaded.tokenizer.decode([t for t in ids if t != loaded.specials.eos],
+                                   skip_special_tokens=False)
 
 
 def diffusion_generate(loaded, prompt: str, *, max_new_tokens: int = 64,  # noqa: ANN001
                        steps: int | None = None, temperature: float = 0.0,
                        seed: int = 0) -> dict[str, Any]:
     """Continue ``prompt`` with ``max_new_tokens`` tokens: start from that many masks after it
-    and run the reverse process for ``steps`` steps (default: one per new token). The text
-    returned is the prompt and its continuation."""
+    and run the reverse process for ``steps`` steps (default: one per new token)."""
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     prompt_ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -121,7 +118,10 @@ def diffusion_generate(loaded, prompt: str, *, max_new_tokens: int = 64,  # noqa
     filled = reverse_diffusion(loaded.model, ids, loaded.architecture, loaded.specials,
                                steps=_steps(steps, max_new_tokens), temperature=temperature,
                                seed=seed)
-    return _result(loaded, filled, filled.tokens[len(prompt_ids):])
+    new = filled.tokens[len(prompt_ids):]
+    # As for left-to-right generation: "text" is the continuation, printed after the prompt.
+    return {"text": _decode(loaded, new), "tokens": new, "forward_passes": filled.forward_passes,
+            "diffusion_steps": filled.steps, "stopped_by": "length"}
 
 
 def diffusion_infill(loaded, text: str, *, steps: int | None = None,  # noqa: ANN001
@@ -133,8 +133,9 @@ def diffusion_infill(loaded, text: str, *, steps: int | None = None,  # noqa: AN
         raise UserError("--text has no <|mask|> to fill")
     filled = reverse_diffusion(loaded.model, ids, loaded.architecture, loaded.specials,
                                steps=_steps(steps, len(holes)), temperature=temperature, seed=seed)
-    return {**_result(loaded, filled, [filled.tokens[i] for i in holes]),
-            "positions": holes,
+    return {"kind": "diffusion", "text": _decode(loaded, filled.tokens),
+            "tokens": [filled.tokens[i] for i in holes], "positions": holes,
+            "forward_passes": filled.forward_passes, "diffusion_steps": filled.steps,
             "fills": [loaded.tokenizer.decode([filled.tokens[i]], skip_special_tokens=False)
                       for i in holes]}
 

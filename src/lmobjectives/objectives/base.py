@@ -105,6 +105,12 @@ class Objective(abc.ABC):
 
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]  # the first is the default
+    # How held-out text is scored: "exact" (left to right, where the architecture allows) or
+    # "elbo" (an upper bound on bits-per-byte: masked diffusion).
+    likelihood: ClassVar[str] = "exact"
+    # How the trained model writes text: "left_to_right" or "diffusion" (reverse masked
+    # diffusion: generate fills masks after the prompt, infill fills <|mask|> anywhere).
+    generation: ClassVar[str] = "left_to_right"
 
     specials: SpecialIds
 

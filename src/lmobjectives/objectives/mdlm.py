@@ -71,6 +71,8 @@ class MDLM(Objective):
 
     name: ClassVar[str] = "mdlm"
     architectures: ClassVar[tuple[str, ...]] = ("encoder", "bidirectional_decoder")
+    likelihood: ClassVar[str] = "elbo"
+    generation: ClassVar[str] = "diffusion"
 
     specials: SpecialIds
     eps: float = DEFAULT_EPS

@@ -198,9 +198,10 @@ def test_packed_documents_never_see_each_other(architecture):
 def test_cli_eval_generate_infill(trained):
     from runs_util import run_cli
 
-    code, out, err = run_cli(["eval", str(trained), "--batches", "1"])
+    code, out, err = run_cli(["eval", str(trained), "--batches", "1", "--infill-samples", "2"])
     assert code == 0, err
     assert "bits_per_byte_bound: ≤ " in out and " ± " in out
+    assert "infill_samples: 2" in out
     code, out, _ = run_cli(["eval", str(trained), "--batches", "1", "--json"])
     res = json.loads(out)
     assert res["bits_per_byte"] is None and res["bits_per_byte_bound"] > 0

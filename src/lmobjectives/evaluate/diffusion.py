@@ -126,3 +126,31 @@ def likelihood_bound(spec, model, rows_list: list[Rows], device: torch.device) -
 def format_bound(value: float, se: float) -> str:
     """A bound as printed everywhere: "≤ 2.345 ± 0.012"."""
     return f"≤ {value:.3f} ± {se:.3f}"
+
+
+def infill_exact_match(loaded, documents: list[str], n: int, seed: int = 0, *,  # noqa: ANN001
+                       context_tokens: int = 256) -> dict[str, Any]:
+    """The single-line task of ``evaluate/infill.py`` for a masked diffusion model: the line's
+    tokens become masks between its prefix and suffix (as many masks as the line has tokens:
+    a diffusion model fills a gap of known length), filled greedily one token per step, then
+    compared with the line character for character. Prefix and suffix are cut to fit
+    ``context_tokens`` around the gap."""
+    from lmobjectives.evaluate.infill import line_tasks
+    from lmobjectives.infer.diffusion import reverse_diffusion
+
+    encode = lambda s: loaded.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    tasks = line_tasks(documents, n, seed)
+    hits = 0
+    for task in tasks:
+        middle = encode(task.middle)
+        room = max(context_tokens - len(middle), 0)
+        prefix = encode(task.prefix)
+        prefix = prefix[max(len(prefix) - (room - room // 2), 0):]  # the nearest context
+        suffix = encode(task.suffix)[:room // 2]
+        ids = prefix + [loaded.specials.mask] * len(middle) + suffix
+        out = reverse_diffusion(loaded.model, ids, loaded.architecture, loaded.specials,
+                                steps=max(len(middle), 1))
+        got = out.tokens[len(prefix):len(prefix) + len(middle)]
+        hits += loaded.tokenizer.decode(got, skip_special_tokens=False) == task.middle
+    return {"exact_match": hits / len(tasks) if tasks else None, "samples": len(tasks),
+            "hits": hits}

@@ -10,6 +10,7 @@ from typing import Any
 
 from lmobjectives.data.loader import PackedSource
 from lmobjectives.errors import UserError
+from lmobjectives.evaluate.diffusion import infill_exact_match as diffusion_infill_exact_match
 from lmobjectives.evaluate.diffusion import likelihood_bound
 from lmobjectives.evaluate.infill import DEFAULT_SAMPLES, document_texts, infill_exact_match
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
@@ -55,6 +56,11 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     else:
         res.update({"bits_per_byte": None, "bytes": None,
                     "bits_per_byte_reason": NO_BPB_REASON[spec.architecture]})
+    if spec.objective.generation == "diffusion" and infill_samples > 0:
+        docs = document_texts(table, spec.tokenizer, spec.specials.eos)
+        em = diffusion_infill_exact_match(loaded, docs, infill_samples, seed=0,
+                                          context_tokens=cfg.data.seq_len)
+        res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})
     if spec.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
         docs = document_texts(table, spec.tokenizer, spec.specials.eos)
         em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)

@@ -220,3 +220,24 @@ def test_cli_eval_generate_infill(trained):
     assert code == 2 and "<|mask|>" in err and "Traceback" not in err
     code, _, err = run_cli(["generate", str(trained), "--diffusion-steps", "0"])
     assert code == 2 and "--diffusion-steps" in err
+
+
+def test_compare_row_with_a_bound(small_store, tmp_path):
+    """mdlm is a row of `lmobj compare`: its bits/byte is the bound, printed "≤"; its
+    masked-token accuracy and single-line infill are measured."""
+    from lmobjectives.compare import compare
+
+    out = tmp_path / "cmp"
+    compare(["clm", "mdlm"], store=small_store, out=out, preset="tiny", seq_len=32, batch_size=2,
+            steps=4, sets=["train.checkpoint_every=4"], progress=False, say=lambda m: None)
+    md = (out / "report.md").read_text()
+    part = md.split("## Measured comparison", 1)[1].split("\n## ", 1)[0]
+    lines = next(b for b in part.split("\n\n") if b.startswith("|")).splitlines()
+    rows = [[c.strip() for c in l.strip("|").split(" | ")] for l in lines]
+    cell = {(r[0], h): v for r in rows[2:] for h, v in zip(rows[0], r)}
+    assert cell[("mdlm", "held-out bits/byte")].startswith("≤ ")
+    assert not cell[("clm", "held-out bits/byte")].startswith("≤")
+    assert not cell[("mdlm", "masked-token acc.")].startswith("n/a")
+    assert not cell[("mdlm", "infill exact match")].startswith("n/a")
+    m = json.loads((out / "runs" / "mdlm" / "measure.json").read_text())["metrics"]
+    assert m["bits_per_byte"]["bound"] is True and m["bits_per_byte"]["se"] > 0

@@ -42,7 +42,7 @@ from lmobjectives.config import RunConfig, apply_set, build_config
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import OBJECTIVES, build_objective, objective_class
 
-DEFAULT_OBJECTIVES = ("clm", "mlm", "span", "ul2", "prefix", "fim", "mtp")
+DEFAULT_OBJECTIVES = ("clm", "mlm", "span", "ul2", "prefix", "fim", "mtp", "mdlm")
 DEFAULT_OUT = "runs/compare"
 # A store compare prepares itself holds out 10% of the documents (not the 1% of a training
 # store) so the probe has a few dozen unseen documents per source.

@@ -135,6 +135,12 @@ def fmt(value: float | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def value_text(row: "Row", name: str, digits: int) -> str:
+    """A row's value as printed: a bound (a masked diffusion model's ELBO) reads "≤ x"."""
+    bound = row.extras.get(name, {}).get("bound")
+    return ("≤ " if bound and row.values.get(name) is not None else "") + fmt(row.values.get(name), digits)
+
+
 def ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -162,7 +168,7 @@ def paragraph(row: Row, rows: list[Row], columns: list[Column]) -> str:
         if rk is None:
             continue
         rank, n, tied = rk
-        v = fmt(row.values[col.name], col.digits)
+        v = value_text(row, col.name, col.digits)
         extra = ""
         if col.name == "probe_accuracy":
             ex = row.extras.get(col.name, {})
@@ -204,7 +210,7 @@ def winners(rows: list[Row], columns: list[Column]) -> list[str]:
             continue
         top = [r for r in rows if rk.get(r.label, (0,))[0] == 1]
         way = "higher" if col.higher_is_better else "lower"
-        names = ", ".join(f"{r.label} ({fmt(r.values[col.name], col.digits)})" for r in top)
+        names = ", ".join(f"{r.label} ({value_text(r, col.name, col.digits)})" for r in top)
         out.append(f"{col.label} ({way} is better, {len(rk)} runs): {names}")
     return out
 
@@ -222,10 +228,10 @@ class Doc:
             self.notes.append(reason)
         return self.notes.index(reason) + 1
 
-    def cell(self, value: float | None, digits: int, reason: str | None) -> str:
+    def cell(self, value: float | None, digits: int, reason: str | None, bound: bool = False) -> str:
         if value is None:
             return f"n/a [{self.note(reason or 'not measured')}]"
-        return fmt(value, digits)
+        return ("≤ " if bound else "") + fmt(value, digits)
 
 
 def build_doc(plan: dict[str, Any], rows: list[Row], columns: list[Column]) -> Doc:
@@ -265,7 +271,8 @@ def build_doc(plan: dict[str, Any], rows: list[Row], columns: list[Column]) -> D
     for r in rows:
         body.append([r.label, r.architecture.replace("_", "-"),
                      f"{r.parameters / 1e6:.2f} M" if r.parameters else "?", str(r.steps),
-                     f"{r.tokens:,}", *[doc.cell(r.values.get(c.name), c.digits, r.reasons.get(c.name))
+                     f"{r.tokens:,}", *[doc.cell(r.values.get(c.name), c.digits, r.reasons.get(c.name),
+                                                   bool(r.extras.get(c.name, {}).get("bound")))
                                          for c in ranked]])
     add(("table", head, body))
     add(("p", "What each column compares:"))
@@ -475,7 +482,8 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
         xs = range(len(rows))
         bars = ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None],
                       color="#4c72b0")
-        ax.bar_label(bars, labels=[fmt(v, col.digits) for v in vals if v is not None], fontsize=7,
+        ax.bar_label(bars, labels=[value_text(r, col.name, col.digits) for r in rows
+                                   if r.values.get(col.name) is not None], fontsize=7,
                      padding=2)
         ax.margins(y=0.15)
         for x, v in zip(xs, vals):

@@ -87,6 +87,19 @@ class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
+def decoder_form(objective: str, architecture: str) -> str:
+    """``decoder`` for an objective that trains decoders only in another form means that
+    form: ``prefix_lm`` (span, UL2, prefix) or ``bidirectional_decoder`` (masked diffusion:
+    a decoder backbone with full attention inside each document); anything else is kept."""
+    from lmobjectives.objectives import OBJECTIVES
+
+    cls_ = OBJECTIVES.get(objective)
+    if architecture != "decoder" or cls_ is None or "decoder" in cls_.architectures:
+        return architecture
+    return next((a for a in ("prefix_lm", "bidirectional_decoder") if a in cls_.architectures),
+                architecture)
+
+
 class RunConfig(_Strict):
     # The default job: a code model, CLM + FIM at rate 0.5 (FIM paper: infilling "for free").
     objective: str = "fim"
@@ -101,18 +114,10 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _decoder_alias(cls, data: Any) -> Any:
-        """``architecture: decoder`` for an objective that trains decoders only in another
-        form means that form: ``prefix_lm`` (span, UL2, prefix) or ``bidirectional_decoder``
-        (masked diffusion: a decoder backbone with full attention inside each document)."""
-        from lmobjectives.objectives import OBJECTIVES
-
+        """``architecture: decoder`` means the objective's decoder form (``decoder_form``)."""
         if isinstance(data, dict) and data.get("architecture") == "decoder":
-            cls_ = OBJECTIVES.get(data.get("objective", cls.model_fields["objective"].default))
-            if cls_ is not None and "decoder" not in cls_.architectures:
-                form = next((a for a in ("prefix_lm", "bidirectional_decoder")
-                             if a in cls_.architectures), None)
-                if form is not None:
-                    data = {**data, "architecture": form}
+            objective = data.get("objective", cls.model_fields["objective"].default)
+            data = {**data, "architecture": decoder_form(objective, "decoder")}
         return data
 
     @model_validator(mode="before")

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from lmobjectives.config import decoder_form
 from lmobjectives.data.converters import CONVERTERS, IGNORE
 from lmobjectives.objectives import build_objective, objective_class
 from lmobjectives.objectives.base import Rows
@@ -32,7 +33,8 @@ def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 
          params: dict[str, Any] | None = None, architecture: str | None = None) -> dict[str, Any]:
     specials = special_ids(tokenizer)
     obj = build_objective(objective, params or {}, specials, tokenizer=tokenizer)
-    arch = architecture or objective_class(objective).architectures[0]
+    arch = decoder_form(objective, architecture) if architecture else \
+        objective_class(objective).architectures[0]
     rows = text_row(tokenizer, text, obj.row_length(seq_len), specials)
     features = obj(rows, np.random.default_rng(seed))
     batch = CONVERTERS[arch](features, specials)

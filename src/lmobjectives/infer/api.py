@@ -27,6 +27,7 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
 
         return diffusion_generate(load_model(path), prompt, max_new_tokens=max_new_tokens,
                                   steps=diffusion_steps, temperature=temperature, seed=seed)
+    loaded = load_model(path)
     if speculative:
         from lmobjectives.infer.speculative import speculative_text
 

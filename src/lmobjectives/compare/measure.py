@@ -39,18 +39,14 @@ import torch
 from lmobjectives.compare.probe import ProbeData, pooled_states, probe_accuracy
 from lmobjectives.evaluate.diffusion import FIXED_TIMES, elbo_bound, masked_accuracy_at
 from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
+from lmobjectives.objectives import Capabilities, capabilities, objectives_where
 from lmobjectives.objectives.base import Rows
 from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
 MEASURE_VERSION = 3
 THROUGHPUT_STEPS = 5
-# Objectives whose model fills a missing middle from a FIM prompt (the single-line exact-match
-# task of evaluate/infill.py). span/UL2 fill sentinel spans instead, a different task.
-INFILLING = ("fim",)
 INFILL_SAMPLES = 20
 SPECULATIVE_PROMPTS, SPECULATIVE_TOKENS = 4, 48
-# Objectives whose model carries draft heads for self-speculative decoding.
-DRAFTING = ("mtp",)
 
 
 @dataclass
@@ -115,13 +111,13 @@ class Metric:
 
 # ----------------------------------------------------------------------- the metrics
 def _left_to_right(s: Subject) -> str | None:
-    if s.architecture in LEFT_TO_RIGHT or s.transform.likelihood == "elbo":
+    if s.architecture in LEFT_TO_RIGHT or capabilities(s.objective).likelihood == "elbo":
         return None
     return "encoders and encoder-decoders cannot score text left to right"
 
 
 def _bits_per_byte(s: Subject, bench: Bench) -> dict[str, Any]:
-    if s.transform.likelihood == "elbo":  # masked diffusion: the ELBO, an upper bound ("≤")
+    if capabilities(s.objective).likelihood == "elbo":  # masked diffusion: an upper bound, "≤"
         out = elbo_bound(s.model, s.transform, s.architecture, bench.rows, bench.byte_lengths,
                          device=bench.device)
         return {"value": out["bits_per_byte_bound"], "bound": True,
@@ -131,13 +127,13 @@ def _bits_per_byte(s: Subject, bench: Bench) -> dict[str, Any]:
 
 
 def _masked(s: Subject) -> str | None:
-    if s.architecture == "encoder" or s.transform.generation == "diffusion":
+    if s.architecture == "encoder" or capabilities(s.objective).infill == "unmasking":
         return None
     return "only a masked-LM encoder predicts masked tokens in place"
 
 
 def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
-    if s.transform.generation == "diffusion":  # at MLM's rate: 15 % of the tokens masked
+    if capabilities(s.objective).infill == "unmasking":  # at MLM's rate: 15 % of tokens masked
         t = FIXED_TIMES[0]
         return {"value": masked_accuracy_at(s.model, s.transform, s.architecture, bench.rows, t,
                                             device=bench.device), "t": t}
@@ -145,9 +141,16 @@ def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
     return {"value": s.eval.get("accuracy"), "targets": s.eval.get("targets")}
 
 
+def _fills_fim(caps: Capabilities) -> bool:
+    # A model that fills a missing middle from a FIM prompt (the single-line exact-match task
+    # of evaluate/infill.py), or unmasks the line's masked tokens (masked diffusion: the same
+    # lines, evaluate/diffusion.py); sentinel-span models fill spans instead, a different task.
+    return caps.infill in ("fim_prompt", "unmasking")
+
+
 def _infilling(s: Subject) -> str | None:
-    return None if s.objective in INFILLING or s.transform.generation == "diffusion" else \
-        f"not an infilling objective (those are {', '.join(INFILLING)})"
+    return None if _fills_fim(capabilities(s.objective)) else \
+        f"not an infilling objective (those are {', '.join(objectives_where(_fills_fim))})"
 
 
 def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
@@ -158,7 +161,7 @@ def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
     docs = document_texts(bench.table, s.tokenizer, s.specials.eos)
     loaded = SimpleNamespace(model=s.model, tokenizer=s.tokenizer, specials=s.specials,
                              architecture=s.architecture)
-    if s.transform.generation == "diffusion":  # the masked line's tokens filled by diffusion
+    if capabilities(s.objective).infill == "unmasking":  # the line's masked tokens, unmasked
         from lmobjectives.evaluate.diffusion import infill_exact_match as diffusion_exact_match
 
         out = diffusion_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len)
@@ -192,9 +195,13 @@ def _speculative_speedup(s: Subject, bench: Bench) -> dict[str, Any]:
             "prompts": len(prompts), "tokens": SPECULATIVE_TOKENS}
 
 
+def _drafts(caps: Capabilities) -> bool:
+    return caps.drafts_tokens  # the model carries draft heads for self-speculative decoding
+
+
 def _drafting(s: Subject) -> str | None:
-    return None if s.objective in DRAFTING else \
-        f"no draft heads to speculate with (only {', '.join(DRAFTING)} trains them)"
+    return None if _drafts(capabilities(s.objective)) else \
+        f"no draft heads to speculate with (only {', '.join(objectives_where(_drafts))} trains them)"
 
 
 def _always(s: Subject) -> str | None:

@@ -114,8 +114,8 @@ def diffusion_eval(model, objective: Objective, architecture: str, rows_list: li
 
 def likelihood_bound(spec, model, rows_list: list[Rows], device: torch.device) -> dict[str, Any] | None:  # noqa: ANN001
     """The bound and fixed-t accuracies for a run whose objective's likelihood is an ELBO
-    (``Objective.likelihood``); None for the others."""
-    if spec.objective.likelihood != "elbo":
+    (``Capabilities.likelihood``); None for the others."""
+    if spec.objective.capabilities.likelihood != "elbo":
         return None
     from lmobjectives.evaluate.metrics import token_byte_lengths
 

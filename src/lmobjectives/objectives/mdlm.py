@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.tokenizer.special import SpecialIds
 
 # MDLM's sampling_eps and LLaDA's ε: t stays away from 0, where the weight 1/t explodes.
@@ -70,9 +70,10 @@ class MDLM(Objective):
     low-discrepancy sampling of t)."""
 
     name: ClassVar[str] = "mdlm"
-    architectures: ClassVar[tuple[str, ...]] = ("encoder", "bidirectional_decoder")
-    likelihood: ClassVar[str] = "elbo"
-    generation: ClassVar[str] = "diffusion"
+    # Fills <|mask|> anywhere by iterative unmasking; held-out text gets the ELBO bound.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("encoder", "bidirectional_decoder"), infill="unmasking",
+        accuracy_key="masked_accuracy", likelihood="elbo")
 
     specials: SpecialIds
     eps: float = DEFAULT_EPS

@@ -141,8 +141,8 @@ def infill(path: str, *, prefix: str | None = None, suffix: str | None = None,
                             "(anywhere, any number)")
         from lmobjectives.infer.diffusion import diffusion_infill
 
-        return diffusion_infill(load_model(path), text, steps=diffusion_steps, temperature=temperature,
-                                seed=seed)
+        return diffusion_infill(load_model(path), text, steps=diffusion_steps,
+                                temperature=temperature, seed=seed)
     fim_given = prefix is not None or suffix is not None
     if sum([fim_given, text is not None, file is not None or line is not None]) != 1:
         raise UserError("give one of: --prefix/--suffix (FIM), --file with --line (FIM on a "

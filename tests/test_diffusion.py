@@ -200,11 +200,12 @@ def test_cli_eval_generate_infill(trained):
 
     code, out, err = run_cli(["eval", str(trained), "--batches", "1", "--infill-samples", "2"])
     assert code == 0, err
-    assert "bits_per_byte_bound: ≤ " in out and " ± " in out
+    assert "bits_per_byte_bound: ≤ " in out and " ± " in out and "perplexity_bound: ≤ " in out
     assert "infill_samples: 2" in out
     code, out, _ = run_cli(["eval", str(trained), "--batches", "1", "--json"])
     res = json.loads(out)
     assert res["bits_per_byte"] is None and res["bits_per_byte_bound"] > 0
+    assert "perplexity" not in res and res["perplexity_bound"] > 1
     assert res["bits_per_byte_bound_se"] > 0 and res["bound_samples"] == 4
     assert 0 <= res["masked_accuracy_t0.15"] <= 1 and 0 <= res["masked_accuracy_t0.5"] <= 1
     code, out, err = run_cli(["generate", str(trained), "--prompt", "import", "--max-new-tokens", "6",

@@ -38,10 +38,10 @@ def eval_(
         _print_json(res)
     else:
         for k, v in res.items():
-            if k == "bits_per_byte_bound_se":
+            if k.endswith("_bound_se"):
                 continue
-            if k == "bits_per_byte_bound":  # an upper bound: shown as one, with its error
-                v = format_bound(v, res["bits_per_byte_bound_se"])
+            if k.endswith("_bound"):  # an upper bound (masked diffusion): shown as one
+                v = format_bound(v, res.get(f"{k}_se"))
             if isinstance(v, dict):
                 v = "  ".join(f"{kk}: {vv:.4f}" for kk, vv in v.items())
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")

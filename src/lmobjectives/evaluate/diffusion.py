@@ -123,9 +123,9 @@ def likelihood_bound(spec, model, rows_list: list[Rows], device: torch.device) -
                           token_byte_lengths(spec.tokenizer), device=device)
 
 
-def format_bound(value: float, se: float) -> str:
-    """A bound as printed everywhere: "≤ 2.345 ± 0.012"."""
-    return f"≤ {value:.3f} ± {se:.3f}"
+def format_bound(value: float, se: float | None = None) -> str:
+    """A bound as printed everywhere: "≤ 2.345 ± 0.012" (the ± part when its error is known)."""
+    return f"≤ {value:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
 def infill_exact_match(loaded, documents: list[str], n: int, seed: int = 0, *,  # noqa: ANN001

@@ -60,7 +60,10 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
         res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"],
                     "loss_by_position": bpb["loss_by_position"]})
     elif bound is not None:
-        res.update({"bits_per_byte": None, "bits_per_byte_reason": BOUND_REASON, **bound})
+        # exp(ELBO per token) bounds the perplexity: reported as a bound, never as "perplexity"
+        del res["perplexity"]
+        res.update({"bits_per_byte": None, "bits_per_byte_reason": BOUND_REASON, **bound,
+                    "perplexity_bound": math.exp(min(bound["loss_bound"], 50))})
     else:
         res.update({"bits_per_byte": None, "bytes": None,
                     "bits_per_byte_reason": NO_BPB_REASON[spec.architecture]})

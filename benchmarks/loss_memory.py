@@ -59,7 +59,7 @@ def _case(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str
             if path == "chunked":
                 nll, _ = chunked_nll_sum(h, w, None, labels, True, n)
             else:
-                nll, _ = token_nll_sum(F.linear(h, w), labels, True)  # (B, T, V) logits
+                nll, _, _ = token_nll_sum(F.linear(h, w), labels, True)  # (B, T, V) logits
         (nll / rows).backward()
         h.grad = w.grad = None
         if device.type == "cuda":

@@ -29,7 +29,7 @@ def head_and_loss(chunks: int, bf16: bool, V: int = 32768, rows: int = 8192, d: 
     base = torch.cuda.memory_allocated()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         if chunks == 1:
-            nll, _ = token_nll_sum(F.linear(h, w), labels, True)
+            nll, _, _ = token_nll_sum(F.linear(h, w), labels, True)
         else:
             nll, _ = chunked_nll_sum(h, w, None, labels, True, chunks)
     (nll / rows).backward()

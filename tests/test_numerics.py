@@ -105,8 +105,8 @@ def test_ten_times_loss_spike_triggers_the_action(store, tmp_path, monkeypatch, 
     spike_at = 13  # after 12 normal steps fill the window past its minimum of 10
 
     def nll_sum(*a, **kw):  # noqa: ANN002,ANN003
-        nll, correct = real(*a, **kw)
-        return (nll * 10 if tr.step + 1 == spike_at else nll), correct
+        nll, correct, predicted = real(*a, **kw)
+        return (nll * 10 if tr.step + 1 == spike_at else nll), correct, predicted
 
     monkeypatch.setattr(module, "token_nll_sum", nll_sum)
     for step in range(1, 15):

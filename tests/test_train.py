@@ -146,7 +146,7 @@ def test_loss_matches_transformers_own_loss():
     ids, labels = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["labels"])
     with torch.no_grad():
         hf_loss = model(input_ids=ids, labels=labels).loss
-        nll, _ = token_nll_sum(model(input_ids=ids).logits, labels, shift=True)
+        nll, _, _ = token_nll_sum(model(input_ids=ids).logits, labels, shift=True)
     n = int((labels[:, 1:] != -100).sum())
     assert n == 6  # seven real tokens; the first is never a target, PAD never is
     assert torch.allclose(nll / n, hf_loss, atol=1e-6)

@@ -99,6 +99,19 @@ class LogConfig(_Strict):
     wandb_project: str = "lmobjectives"
 
 
+def decoder_form(objective: str, architecture: str) -> str:
+    """``decoder`` for an objective that trains decoders only in another form means that
+    form: ``prefix_lm`` (span, UL2, prefix) or ``bidirectional_decoder`` (masked diffusion:
+    a decoder backbone with full attention inside each document); anything else is kept."""
+    from lmobjectives.objectives import OBJECTIVES
+
+    cls_ = OBJECTIVES.get(objective)
+    if architecture != "decoder" or cls_ is None or "decoder" in cls_.architectures:
+        return architecture
+    return next((a for a in ("prefix_lm", "bidirectional_decoder") if a in cls_.architectures),
+                architecture)
+
+
 class RunConfig(_Strict):
     # The default job: a code model, CLM + FIM at rate 0.5 (FIM paper: infilling "for free").
     objective: str = "fim"
@@ -114,15 +127,10 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _decoder_alias(cls, data: Any) -> Any:
-        """``architecture: decoder`` for an objective that trains decoders only as prefix LMs
-        (span, UL2, prefix) means ``prefix_lm``: the decoder-only form of that objective."""
-        from lmobjectives.objectives import OBJECTIVES
-
+        """``architecture: decoder`` means the objective's decoder form (``decoder_form``)."""
         if isinstance(data, dict) and data.get("architecture") == "decoder":
-            cls_ = OBJECTIVES.get(data.get("objective", cls.model_fields["objective"].default))
-            if cls_ is not None and "decoder" not in cls_.architectures \
-                    and "prefix_lm" in cls_.architectures:
-                data = {**data, "architecture": "prefix_lm"}
+            objective = data.get("objective", cls.model_fields["objective"].default)
+            data = {**data, "architecture": decoder_form(objective, "decoder")}
         return data
 
     @model_validator(mode="before")

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from lmobjectives.config import decoder_form
 from lmobjectives.data.converters import CONVERTERS, IGNORE
 from lmobjectives.objectives import build_objective, objective_class
 from lmobjectives.objectives.base import Rows
@@ -32,13 +33,15 @@ def show(objective: str, text: str, tokenizer, *, seed: int = 0, seq_len: int = 
          params: dict[str, Any] | None = None, architecture: str | None = None) -> dict[str, Any]:
     specials = special_ids(tokenizer)
     obj = build_objective(objective, params or {}, specials, tokenizer=tokenizer)
-    arch = architecture or objective_class(objective).architectures[0]
+    arch = decoder_form(objective, architecture) if architecture else \
+        objective_class(objective).architectures[0]
     rows = text_row(tokenizer, text, obj.row_length(seq_len), specials)
     features = obj(rows, np.random.default_rng(seed))
     batch = CONVERTERS[arch](features, specials)
     out: dict[str, Any] = {"objective": objective, "architecture": arch, "seed": seed}
     for key, value in batch.items():
-        out[key] = np.asarray(value)[0].astype(int).tolist()
+        row = np.asarray(value)[0]
+        out[key] = row.round(6).tolist() if row.dtype.kind == "f" else row.astype(int).tolist()
     # Per-row facts the objective reports (UL2: which denoiser), for checks over many seeds.
     out["extras"] = {k: np.asarray(v)[0].tolist() for k, v in features.extras.items()}
     out["special_tokens"] = specials.as_dict()
@@ -65,6 +68,11 @@ def render(shown: dict[str, Any], tokenizer) -> str:  # noqa: ANN001
     labels = shown["labels"]
     scored = [i for i in labels if i != IGNORE]
     lines += [f"--- labels ({len(scored)} scored of {len(labels)})", text(scored)]
+    if "loss_weights" in shown:
+        weights = [w for w, i in zip(shown["loss_weights"], labels) if i != IGNORE]
+        nonzero = sorted({w for w in weights if w})
+        lines.append(f"--- loss_weights: {sum(1 for w in weights if w)} of {len(weights)} scored "
+                     f"tokens weigh {', '.join(f'{w:g}' for w in nonzero) or 'nothing'}, the rest 0")
     if shown.get("extras"):
         lines.append("--- extras: " + ", ".join(f"{k} {v}" for k, v in shown["extras"].items()))
     return "\n".join(lines)

@@ -42,7 +42,9 @@ def test_the_shipped_declarations():
     assert objectives_where(lambda c: c.infill == "fim_prompt") == ["fim"]
     assert objectives_where(lambda c: c.infill == "sentinel_spans") == ["span", "ul2"]
     assert objectives_where(lambda c: c.drafts_tokens) == ["mtp"]
-    assert objectives_where(lambda c: c.accuracy_key == "masked_accuracy") == ["mlm"]
+    assert objectives_where(lambda c: c.accuracy_key == "masked_accuracy") == ["mlm", "mdlm"]
+    assert objectives_where(lambda c: c.infill == "unmasking") == ["mdlm"]
+    assert objectives_where(lambda c: c.likelihood == "elbo") == ["mdlm"]
     assert objectives_where(lambda c: c.infill_benchmark) == ["clm", "fim"]
     assert objectives_where(lambda c: c.mode_token is not None) == ["ul2"]
     assert capabilities("mtp").model_kind == "mtp" and capabilities("clm").model_kind == "standard"
@@ -55,7 +57,8 @@ def test_how_it_infills_must_be_declared():
 
 @pytest.mark.parametrize("bad", [dict(architectures=()), dict(architectures=("rnn",)),
                                  dict(infill="telepathy"), dict(accuracy_key="f1"),
-                                 dict(model_kind="moe"), dict(mode_token="no_such_token")])
+                                 dict(model_kind="moe"), dict(mode_token="no_such_token"),
+                                 dict(likelihood="perplexity")])
 def test_capabilities_reject_unknown_values(bad):
     with pytest.raises(ValueError):
         Capabilities(**{"architectures": ("decoder",), "infill": "left_to_right", **bad})

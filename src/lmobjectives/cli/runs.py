@@ -81,7 +81,7 @@ def show(
 
 @app.command()
 def compare(
-    objectives: str = typer.Option("clm,mlm,span,ul2,prefix,fim,mtp",
+    objectives: str = typer.Option("clm,mlm,span,ul2,prefix,fim,mtp,mdlm",
                                    help="Comma-separated; OBJ@ARCH picks another architecture (span@prefix_lm)."),
     corpus: Optional[List[str]] = typer.Option(None, help="Corpus path (repeatable); default: the embedded corpus."),
     data: Optional[str] = typer.Option(None, help="A prepared token store (instead of --corpus)."),

@@ -26,6 +26,7 @@ def eval_(
     exact match for FIM/CLM decoders); with NAME=PATH datasets
     or --baseline, the forgetting report (table, JSON, RUN/forgetting.png)."""
     from lmobjectives.evaluate.forgetting import format_table, forgetting_report, is_named, parse_datasets
+    from lmobjectives.evaluate.diffusion import format_bound
     from lmobjectives.evaluate.run import evaluate_dir
 
     if lm_eval is not None:
@@ -42,6 +43,10 @@ def eval_(
         _print_json(res)
     else:
         for k, v in res.items():
+            if k.endswith("_bound_se"):
+                continue
+            if k.endswith("_bound"):  # an upper bound (masked diffusion): shown as one
+                v = format_bound(v, res.get(f"{k}_se"))
             if isinstance(v, dict):
                 v = "  ".join(f"{kk}: {vv:.4f}" for kk, vv in v.items())
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
@@ -68,13 +73,17 @@ def generate(
     seed: int = typer.Option(0),
     speculative: bool = typer.Option(False, help="Draft with the MTP heads, verify with the base model "
                                                  "(same output as plain decoding, fewer forward passes)."),
+    diffusion_steps: Optional[int] = typer.Option(None, help="Masked diffusion runs: reverse-process "
+                                                              "steps (default: one per new token)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Continue a prompt with a KV cache (greedy by default)."""
+    """Continue a prompt with a KV cache (greedy by default), or by reverse diffusion from
+    masks for a masked diffusion run."""
     from lmobjectives.infer.api import generate_text
 
     res = generate_text(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, seed=seed, speculative=speculative)
+                        top_p=top_p, seed=seed, speculative=speculative,
+                        diffusion_steps=diffusion_steps)
     _print_json(res) if json_out else print(prompt + res["text"])
 
 
@@ -100,20 +109,24 @@ def infill(
     mode: str = typer.Option("psm", help="FIM prompt order: psm or spm."),
     file: Optional[str] = typer.Option(None, help="FIM: fill a line of this file (with --line)."),
     line: Optional[int] = typer.Option(None, help="FIM: the 1-based line of --file to fill."),
-    text: Optional[str] = typer.Option(None, help="Span/UL2 runs: text with <extra_id_0>, <extra_id_1>, ... gaps."),
+    text: Optional[str] = typer.Option(None, help="Span/UL2 runs: text with <extra_id_0>, <extra_id_1>, ... gaps; "
+                                                  "masked diffusion runs: text with <|mask|> tokens."),
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
+    diffusion_steps: Optional[int] = typer.Option(None, help="Masked diffusion runs: reverse-process "
+                                                              "steps (default: one per mask)."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fill a gap: the middle between --prefix and --suffix (FIM decoders), a line of a file,
-    or the <extra_id_N> spans of --text (span/UL2 runs)."""
+    the <extra_id_N> spans of --text (span/UL2 runs), or every <|mask|> of --text, anywhere
+    (masked diffusion runs)."""
     from lmobjectives.infer.api import infill as run_infill
 
     res = run_infill(run_dir, prefix=prefix, suffix=suffix, text=text, file=file, line=line,
                      mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, seed=seed)
+                     top_p=top_p, seed=seed, diffusion_steps=diffusion_steps)
     if json_out:
         _print_json(res)
     elif res.get("file"):

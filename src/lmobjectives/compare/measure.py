@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lmobjectives.compare.probe import ProbeData, pooled_states, probe_accuracy
+from lmobjectives.evaluate.diffusion import FIXED_TIMES, elbo_bound, masked_accuracy_at
 from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
 from lmobjectives.objectives import Capabilities, capabilities, objectives_where
 from lmobjectives.objectives.base import Rows
@@ -110,31 +111,41 @@ class Metric:
 
 # ----------------------------------------------------------------------- the metrics
 def _left_to_right(s: Subject) -> str | None:
-    if s.architecture in LEFT_TO_RIGHT:
+    if s.architecture in LEFT_TO_RIGHT or capabilities(s.objective).likelihood == "elbo":
         return None
     return "encoders and encoder-decoders cannot score text left to right"
 
 
 def _bits_per_byte(s: Subject, bench: Bench) -> dict[str, Any]:
+    if capabilities(s.objective).likelihood == "elbo":  # masked diffusion: an upper bound, "≤"
+        out = elbo_bound(s.model, s.transform, s.architecture, bench.rows, bench.byte_lengths,
+                         device=bench.device)
+        return {"value": out["bits_per_byte_bound"], "bound": True,
+                "se": out["bits_per_byte_bound_se"], "bytes": out["bytes"]}
     out = bits_per_byte(s.model, bench.rows, s.specials, bench.byte_lengths, bench.device)
     return {"value": out["bits_per_byte"], "bytes": out["bytes"]}
 
 
 def _masked(s: Subject) -> str | None:
-    if s.architecture == "encoder":
+    if s.architecture == "encoder" or capabilities(s.objective).infill == "unmasking":
         return None
     return "only a masked-LM encoder predicts masked tokens in place"
 
 
 def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
+    if capabilities(s.objective).infill == "unmasking":  # at MLM's rate: 15 % of tokens masked
+        t = FIXED_TIMES[0]
+        return {"value": masked_accuracy_at(s.model, s.transform, s.architecture, bench.rows, t,
+                                            device=bench.device), "t": t}
     # The run's own held-out evaluation: top-1 accuracy on the masked positions it scores.
     return {"value": s.eval.get("accuracy"), "targets": s.eval.get("targets")}
 
 
 def _fills_fim(caps: Capabilities) -> bool:
     # A model that fills a missing middle from a FIM prompt (the single-line exact-match task
-    # of evaluate/infill.py); sentinel-span models fill spans instead, a different task.
-    return caps.infill == "fim_prompt"
+    # of evaluate/infill.py), or unmasks the line's masked tokens (masked diffusion: the same
+    # lines, evaluate/diffusion.py); sentinel-span models fill spans instead, a different task.
+    return caps.infill in ("fim_prompt", "unmasking")
 
 
 def _infilling(s: Subject) -> str | None:
@@ -148,7 +159,13 @@ def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
     from lmobjectives.evaluate.infill import document_texts, infill_exact_match
 
     docs = document_texts(bench.table, s.tokenizer, s.specials.eos)
-    loaded = SimpleNamespace(model=s.model, tokenizer=s.tokenizer, specials=s.specials)
+    loaded = SimpleNamespace(model=s.model, tokenizer=s.tokenizer, specials=s.specials,
+                             architecture=s.architecture)
+    if capabilities(s.objective).infill == "unmasking":  # the line's masked tokens, unmasked
+        from lmobjectives.evaluate.diffusion import infill_exact_match as diffusion_exact_match
+
+        out = diffusion_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len)
+        return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"]}
     out = infill_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len)
     return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"]}
 
@@ -255,10 +272,12 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "on the same machine; the three families' parameter counts differ", True, 0,
            _always, _throughput),
     Metric("bits_per_byte", "held-out bits/byte",
-           "left-to-right models only: nats per UTF-8 byte of the same held-out text, scored "
-           "left to right (tokenizer-independent)", False, 3, _left_to_right, _bits_per_byte),
+           "left-to-right models: nats per UTF-8 byte of the same held-out text, scored "
+           "left to right (tokenizer-independent); masked diffusion models: their ELBO, an "
+           "upper bound (≤) on the same quantity", False, 3, _left_to_right, _bits_per_byte),
     Metric("masked_token_accuracy", "masked-token acc.",
-           "masked-LM encoders only: top-1 accuracy on the masked positions of held-out rows",
+           "masked-LM encoders and masked diffusion models (15 % of tokens masked): top-1 "
+           "accuracy on the masked positions of held-out rows",
            True, 3, _masked, _masked_accuracy),
     Metric("infill_exact_match", "infill exact match",
            "FIM-trained decoders only: share of held-out single lines reproduced exactly",

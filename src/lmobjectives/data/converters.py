@@ -33,11 +33,34 @@ from lmobjectives.tokenizer.special import SpecialIds
 Batch = dict[str, np.ndarray]
 
 # Which architectures' labels are scored one position later than their logits.
-CAUSAL_SHIFT = {"decoder": True, "prefix_lm": True, "encoder": False, "encoder_decoder": False}
+CAUSAL_SHIFT = {"decoder": True, "prefix_lm": True, "encoder": False, "encoder_decoder": False,
+                "bidirectional_decoder": False}
 
 
 def _labels(targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, targets, IGNORE).astype(np.int64)
+
+
+def _with_weights(batch: Batch, f: Features, mask: np.ndarray) -> Batch:
+    """Add ``loss_weights`` (aligned with ``labels``, 0 where nothing is scored) when the
+    objective weighs its tokens."""
+    if f.loss_weights is not None:
+        batch["loss_weights"] = np.where(mask, f.loss_weights, 0.0).astype(np.float32)
+    return batch
+
+
+def document_mask(positions: np.ndarray, tokens: np.ndarray, pad: int) -> np.ndarray:
+    """(B, 1, T, T) bool, True = may attend: full attention inside each packed document (a
+    document starts where ``positions`` is 0), none across documents, PAD never seen.
+
+    >>> document_mask(np.array([[0, 1, 0, 1]]), np.array([[5, 0, 6, 0]]), pad=1)[0, 0].astype(int).tolist()
+    [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    """
+    doc = np.cumsum(positions == 0, axis=1)  # (B, T) document index within the row
+    mask = (doc[:, :, None] == doc[:, None, :]) & (tokens != pad)[:, None, :]  # (B, T, T)
+    # A PAD query sees itself so its softmax stays finite; its labels are ignored anyway.
+    mask |= np.eye(tokens.shape[1], dtype=bool)[None]
+    return mask[:, None]
 
 
 def to_decoder(f: Features, specials: SpecialIds) -> Batch:
@@ -47,11 +70,12 @@ def to_decoder(f: Features, specials: SpecialIds) -> Batch:
         return to_prefix_lm(f, specials)
     B, T = f.targets.shape
     positions = f.positions if f.positions is not None else np.broadcast_to(np.arange(T), (B, T))
-    return {
+    batch = {
         "input_ids": f.targets.astype(np.int64),
         "position_ids": positions.astype(np.int64),
         "labels": _labels(f.targets, f.target_mask),
     }
+    return _with_weights(batch, f, f.target_mask)
 
 
 def _target_lengths(f: Features) -> np.ndarray:
@@ -83,22 +107,45 @@ def to_prefix_lm(f: Features, specials: SpecialIds) -> Batch:
     mask = (causal | bidir) & valid[:, None, :] & valid[:, :, None]
     # Padding rows see themselves so softmax stays finite; their labels are ignored anyway.
     mask |= np.eye(L, dtype=bool)[None]
-    return {
+    batch = {
         "input_ids": tokens.astype(np.int64),
         "position_ids": np.broadcast_to(col, (B, L)).astype(np.int64).copy(),
         "attention_mask": mask[:, None],  # (B, 1, L, L)
         "labels": _labels(tokens, scored),
     }
+    if f.loss_weights is not None:
+        batch["loss_weights"] = np.where(scored, f.loss_weights[rows, tg_idx], 0.0).astype(np.float32)
+    return batch
 
 
 def to_encoder(f: Features, specials: SpecialIds) -> Batch:
-    """Aligned features (MLM) -> encoder batch: read ``inputs``, score ``targets`` where masked."""
+    """Aligned features (MLM, MDLM) -> encoder batch: read ``inputs``, score ``targets`` where
+    masked. Features with per-document ``positions`` keep packed documents apart (a 4-D mask
+    and positions restarting per document); without them the row is one sequence."""
+    if f.positions is not None:
+        return to_bidirectional_decoder(f, specials)
     inputs = f.inputs if f.inputs is not None else f.targets
-    return {
+    batch = {
         "input_ids": inputs.astype(np.int64),
         "attention_mask": (inputs != specials.pad).astype(np.int64),
         "labels": _labels(f.targets, f.target_mask),
     }
+    return _with_weights(batch, f, f.target_mask)
+
+
+def to_bidirectional_decoder(f: Features, specials: SpecialIds) -> Batch:
+    """Aligned features -> a batch read with full attention inside each packed document
+    (``document_mask``); labels aligned with their positions, as for an encoder."""
+    inputs = f.inputs if f.inputs is not None else f.targets
+    B, T = inputs.shape
+    positions = f.positions if f.positions is not None else np.broadcast_to(np.arange(T), (B, T))
+    batch = {
+        "input_ids": inputs.astype(np.int64),
+        "position_ids": positions.astype(np.int64),
+        "attention_mask": document_mask(positions, inputs, specials.pad),
+        "labels": _labels(f.targets, f.target_mask),
+    }
+    return _with_weights(batch, f, f.target_mask)
 
 
 def to_encoder_decoder(f: Features, specials: SpecialIds) -> Batch:
@@ -112,13 +159,14 @@ def to_encoder_decoder(f: Features, specials: SpecialIds) -> Batch:
     decoder_inputs = np.full_like(f.targets, specials.pad)
     decoder_inputs[:, 1:] = f.targets[:, :-1]
     tg_valid = np.arange(T)[None, :] < n_tg
-    return {
+    batch = {
         "input_ids": f.inputs.astype(np.int64),
         "attention_mask": (np.arange(S)[None, :] < n_in).astype(np.int64),
         "decoder_input_ids": decoder_inputs.astype(np.int64),
         "decoder_attention_mask": tg_valid.astype(np.int64),
         "labels": _labels(f.targets, f.target_mask & tg_valid),
     }
+    return _with_weights(batch, f, f.target_mask & tg_valid)
 
 
 CONVERTERS: dict[str, Callable[[Features, SpecialIds], Batch]] = {
@@ -126,4 +174,5 @@ CONVERTERS: dict[str, Callable[[Features, SpecialIds], Batch]] = {
     "prefix_lm": to_prefix_lm,
     "encoder": to_encoder,
     "encoder_decoder": to_encoder_decoder,
+    "bidirectional_decoder": to_bidirectional_decoder,
 }

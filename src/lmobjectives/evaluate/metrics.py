@@ -71,8 +71,8 @@ def objective_eval(spec, rows_list: list[Rows], module: TrainModule,  # noqa: AN
     """The objective's loss and top-1 accuracy on ``rows_list`` (its features drawn with a
     fixed seed per batch), scored by ``module`` (the model with its loss, ``step/``). With
     ``share`` this process scores its part of the batches and ``reduce`` sums (nll, correct,
-    count) over the processes (an all-reduce)."""
-    nll = correct = count = 0.0
+    count, predicted) over the processes (an all-reduce)."""
+    nll = correct = count = predicted = 0.0
     was_training = module.model.training
     module.model.eval()
     try:
@@ -86,11 +86,14 @@ def objective_eval(spec, rows_list: list[Rows], module: TrainModule,  # noqa: AN
             nll += float(out["nll"][0])
             correct += float(out["correct"][0])
             count += float(n[0])
+            # a weighted loss predicts only its tokens of non-zero weight (masked diffusion)
+            predicted += float(out["predicted"][0]) if "predicted" in out else float(n[0])
     finally:
         module.model.train(was_training)
-    nll, correct, count = (float(x) for x in reduce(np.array([nll, correct, count], dtype=np.float64)))
+    nll, correct, count, predicted = (float(x) for x in reduce(np.array([nll, correct, count, predicted],
+                                                                             dtype=np.float64)))
     loss = nll / max(count, 1)
-    return {"loss": loss, "accuracy": correct / max(count, 1), "targets": int(count)}
+    return {"loss": loss, "accuracy": correct / max(predicted, 1), "targets": int(count)}
 
 
 @torch.no_grad()

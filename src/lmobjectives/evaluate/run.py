@@ -10,6 +10,8 @@ from typing import Any
 
 from lmobjectives.data.loader import PackedSource
 from lmobjectives.errors import UserError
+from lmobjectives.evaluate.diffusion import infill_exact_match as diffusion_infill_exact_match
+from lmobjectives.evaluate.diffusion import likelihood_bound
 from lmobjectives.evaluate.infill import DEFAULT_SAMPLES, document_texts, infill_exact_match
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
 from lmobjectives.objectives import capabilities
@@ -54,12 +56,23 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     res: dict[str, Any] = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50)),
                            accuracy_key(cfg.objective): out["accuracy"], "tokens": out["targets"]}
     bpb = left_to_right_bpb(spec, model, rows, device, bf16)
+    bound = likelihood_bound(spec, model, rows, device)
     if bpb is not None:
         res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"],
                     "loss_by_position": bpb["loss_by_position"]})
+    elif bound is not None:
+        # exp(ELBO per token) bounds the perplexity: reported as a bound, never as "perplexity"
+        del res["perplexity"]
+        res.update({"bits_per_byte": None, "bits_per_byte_reason": BOUND_REASON, **bound,
+                    "perplexity_bound": math.exp(min(bound["loss_bound"], 50))})
     else:
         res.update({"bits_per_byte": None, "bytes": None,
                     "bits_per_byte_reason": NO_BPB_REASON[spec.architecture]})
+    if capabilities(cfg.objective).infill == "unmasking" and infill_samples > 0:
+        docs = document_texts(table, spec.tokenizer, spec.specials.eos)
+        em = diffusion_infill_exact_match(loaded, docs, infill_samples, seed=0,
+                                          context_tokens=cfg.data.seq_len)
+        res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})
     if gets_infill_metric(cfg.objective, spec.architecture) and infill_samples > 0:
         docs = document_texts(table, spec.tokenizer, spec.specials.eos)
         em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)
@@ -85,6 +98,8 @@ def _eval_source(spec: RunSpec, run_dir: Path, data: str | None) -> tuple[Packed
     return PackedSource(table, spec.row_length, seed=0, pad=spec.specials.pad, shuffle=False), table
 
 
+BOUND_REASON = ("a masked diffusion model has no exact likelihood; bits_per_byte_bound is its "
+                "ELBO, an upper bound (≤), comparable with a decoder's bits_per_byte")
 # Why bits-per-byte is not reported: it needs p(text) scored token by token, left to right.
 NO_BPB_REASON = {
     "encoder": "an MLM encoder sees both sides of every token, so it cannot score text left "

@@ -12,9 +12,15 @@ from lmobjectives.objectives import Capabilities, capabilities
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, speculative: bool = False) -> dict[str, Any]:
+                  top_p: float = 1.0, seed: int = 0, speculative: bool = False,
+                  diffusion_steps: int | None = None) -> dict[str, Any]:
     if not 0 < top_p <= 1:  # checked once here for plain and speculative decoding
         raise UserError("--top-p must be in (0, 1]")
+    if by_diffusion(path, diffusion_steps):
+        from lmobjectives.infer.diffusion import diffusion_generate
+
+        return diffusion_generate(load_model(path), prompt, max_new_tokens=max_new_tokens,
+                                  steps=diffusion_steps, temperature=temperature, seed=seed)
     loaded = load_model(path)
     if speculative:
         from lmobjectives.infer.speculative import speculative_text
@@ -29,6 +35,25 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
                  top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
                  bidirectional_prompt=loaded.architecture == "prefix_lm")
     return generation_result(loaded, g)
+
+
+def by_diffusion(path: str, steps: int | None) -> bool:
+    """Whether the run at ``path`` writes text by reverse diffusion (its objective infills by
+    ``unmasking``), read from its run.json before any model loads; ``--diffusion-steps``
+    given for any other model is an error."""
+    import json
+
+    from lmobjectives.objectives import OBJECTIVES
+    from lmobjectives.rundir import model_dir
+
+    _, run_dir = model_dir(path)
+    info = run_dir / "run.json" if run_dir is not None else None
+    name = json.loads(info.read_text()).get("objective") if info and info.is_file() else None
+    diffusion = name in OBJECTIVES and OBJECTIVES[name].capabilities.infill == "unmasking"
+    if steps is not None and not diffusion:
+        raise UserError(f"--diffusion-steps applies to masked diffusion runs; {path} was not "
+                        "trained with one")
+    return diffusion
 
 
 # ------------------------------------------------------------------------------ infill
@@ -104,11 +129,20 @@ def read_line(path: str, line: int) -> tuple[str, str, str]:
 def infill(path: str, *, prefix: str | None = None, suffix: str | None = None,
            text: str | None = None, file: str | None = None, line: int | None = None,
            mode: str = "psm", max_new_tokens: int = 64, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0) -> dict[str, Any]:
+           top_p: float = 1.0, seed: int = 0, diffusion_steps: int | None = None) -> dict[str, Any]:
     """``lmobj infill``: FIM infilling (``prefix``/``suffix``, or ``file`` + ``line``) for
-    decoders, sentinel infilling (``text``) for span/UL2 runs. See ``infer/infill.py``."""
+    decoders, sentinel infilling (``text``) for span/UL2 runs (``infer/infill.py``), masked
+    diffusion filling of every ``<|mask|>`` of ``text`` (``infer/diffusion.py``)."""
     from lmobjectives.infer.infill import MODES
 
+    if by_diffusion(path, diffusion_steps):
+        if text is None or prefix is not None or suffix is not None or file is not None:
+            raise UserError("a masked diffusion run fills the <|mask|> tokens of --text "
+                            "(anywhere, any number)")
+        from lmobjectives.infer.diffusion import diffusion_infill
+
+        return diffusion_infill(load_model(path), text, steps=diffusion_steps,
+                                temperature=temperature, seed=seed)
     fim_given = prefix is not None or suffix is not None
     if sum([fim_given, text is not None, file is not None or line is not None]) != 1:
         raise UserError("give one of: --prefix/--suffix (FIM), --file with --line (FIM on a "

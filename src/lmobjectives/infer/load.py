@@ -44,8 +44,9 @@ def load_model(path: str | Path) -> Loaded:
         else:
             architecture = "decoder"
     auto = auto_class(architecture)
-    # A prefix LM needs sdpa, the attention that honours its boolean 4-D mask (data/converters.py).
-    attn = "sdpa" if architecture == "prefix_lm" else None
+    # Custom boolean 4-D masks (prefix LM, packed documents) need sdpa, the attention that
+    # honours them (data/converters.py).
+    attn = None if architecture == "encoder_decoder" else "sdpa"
     model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32,
                                  attn_implementation=attn)
     if (mdir / HEADS_JSON).is_file():  # a multi-token-prediction run: put its extra heads back

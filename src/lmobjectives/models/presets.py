@@ -28,7 +28,8 @@ ENCDEC_PRESETS: dict[str, tuple[int, int, int, int]] = {  # hidden, layers per s
     "small": (384, 4, 6, 1024),
     "base": (768, 12, 12, 2048),  # T5-base shape
 }
-FAMILY = {"decoder": "llama", "prefix_lm": "llama", "encoder": "modernbert", "encoder_decoder": "t5"}
+FAMILY = {"decoder": "llama", "prefix_lm": "llama", "encoder": "modernbert", "encoder_decoder": "t5",
+          "bidirectional_decoder": "llama"}
 PRESETS = {"llama": DECODER_PRESETS, "modernbert": ENCODER_PRESETS, "t5": ENCDEC_PRESETS}
 
 
@@ -90,6 +91,24 @@ def model_class(architecture: str):  # -> type[transformers.PreTrainedModel]
             "t5": tf.T5ForConditionalGeneration}[FAMILY[architecture]]
 
 
+def forward_inputs(model, inputs: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    """The model's keyword inputs. A custom 4-D mask (packed documents kept apart) reaches
+    every layer of a model as it is, so a model with sliding-window layers (ModernBERT: local
+    attention in two layers of three) would let those layers see the whole document; give
+    them the same mask cut to their window, as transformers builds it from a 2-D mask
+    (``sliding_window_bidirectional_overlay``: |i - j| <= sliding_window)."""
+    import torch
+
+    mask = inputs.get("attention_mask")
+    cfg = getattr(model, "config", None)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 \
+            or "sliding_attention" not in (getattr(cfg, "layer_types", None) or ()):
+        return inputs
+    idx = torch.arange(mask.shape[-1], device=mask.device)
+    band = (idx[:, None] - idx[None, :]).abs() <= cfg.sliding_window  # (T, T)
+    return {**inputs, "attention_mask": {"full_attention": mask, "sliding_attention": mask & band}}
+
+
 def build_model(preset: str, architecture: str, specials: SpecialIds, max_positions: int,
                 seed: int, overrides: dict[str, Any] | None = None):
     """A freshly initialised model; the seed fixes its weights."""
@@ -109,7 +128,8 @@ def count_parameters(model) -> int:
 
 # The transformers auto class that loads each architecture's model from a directory.
 AUTO_CLASS_NAMES = {"decoder": "AutoModelForCausalLM", "prefix_lm": "AutoModelForCausalLM",
-                    "encoder": "AutoModelForMaskedLM", "encoder_decoder": "AutoModelForSeq2SeqLM"}
+                    "encoder": "AutoModelForMaskedLM", "encoder_decoder": "AutoModelForSeq2SeqLM",
+                    "bidirectional_decoder": "AutoModelForCausalLM"}
 
 
 def auto_class(architecture: str) -> Any:

@@ -13,6 +13,7 @@ from lmobjectives.errors import UserError
 from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.objectives.fim import FIM
+from lmobjectives.objectives.mdlm import MDLM
 from lmobjectives.objectives.mlm import MLM
 from lmobjectives.objectives.mtp import MTP
 from lmobjectives.objectives.prefix import PrefixLM
@@ -28,6 +29,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     PrefixLM.name: PrefixLM,
     FIM.name: FIM,
     MTP.name: MTP,
+    MDLM.name: MDLM,
 }
 
 

@@ -35,7 +35,9 @@ import numpy as np
 
 from lmobjectives.tokenizer.special import SpecialIds
 
-ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
+# bidirectional_decoder: a decoder backbone read with full (non-causal) attention inside each
+# document, labels aligned with their positions (masked diffusion on a Llama).
+ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder", "bidirectional_decoder")
 # The label value HF losses skip (``torch.nn.CrossEntropyLoss(ignore_index=-100)``); defined
 # here, the lowest stage that writes labels, and imported by data/, loss and train/.
 IGNORE = -100
@@ -49,6 +51,9 @@ IGNORE = -100
 INFILL_KINDS = ("fim_prompt", "sentinel_spans", "left_to_right", "unmasking", "none")
 ACCURACY_KEYS = ("accuracy", "masked_accuracy")
 MODEL_KINDS = ("standard", "mtp")
+# How held-out text is scored (``Capabilities.likelihood``): "exact" (left to right, where the
+# architecture allows), or "elbo" (an upper bound on bits-per-byte: masked diffusion).
+LIKELIHOODS = ("exact", "elbo")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,12 +71,14 @@ class Capabilities:
     (UL2's R-denoiser ``[NLU]`` for span infilling, UL2 §3.1.3), or None.
     ``drafts_tokens``: its model carries draft heads for self-speculative decoding.
     ``model_kind``: which model + loss the train loop builds for it (``MODEL_KINDS``).
+    ``likelihood``: how ``eval`` and ``compare`` score held-out text (``LIKELIHOODS``).
 
     Only ``architectures`` and ``infill`` must be given; the defaults are what a plain
     next-token or denoising objective has (``accuracy``, no mode token, no drafts, standard).
 
-    A masked-diffusion objective would declare ``Capabilities(architectures=("encoder",),
-    infill="unmasking", accuracy_key="masked_accuracy")``.
+    The masked-diffusion objective declares ``Capabilities(architectures=("encoder",
+    "bidirectional_decoder"), infill="unmasking", accuracy_key="masked_accuracy",
+    likelihood="elbo")``.
     """
 
     architectures: tuple[str, ...]
@@ -81,6 +88,7 @@ class Capabilities:
     mode_token: str | None = None
     drafts_tokens: bool = False
     model_kind: str = "standard"
+    likelihood: str = "exact"
 
     def __post_init__(self) -> None:
         bad = [a for a in self.architectures if a not in ARCHITECTURES]
@@ -89,7 +97,8 @@ class Capabilities:
                              f"got {self.architectures}")
         for field, value, allowed in (("infill", self.infill, INFILL_KINDS),
                                       ("accuracy_key", self.accuracy_key, ACCURACY_KEYS),
-                                      ("model_kind", self.model_kind, MODEL_KINDS)):
+                                      ("model_kind", self.model_kind, MODEL_KINDS),
+                                      ("likelihood", self.likelihood, LIKELIHOODS)):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
         if self.mode_token is not None and self.mode_token not in SpecialIds.__dataclass_fields__:
@@ -144,6 +153,9 @@ class Features:
     inputs: np.ndarray | None = None  # (B, S) int32, PAD where unused
     input_lengths: np.ndarray | None = None  # (B,) int32: valid prefix of each inputs row
     target_lengths: np.ndarray | None = None  # (B,) int32: valid prefix of each targets row
+    # (B, T) float32 per-target loss weights, aligned with ``targets``; None: every scored token
+    # weighs 1. A scored token of weight 0 counts in the step's denominator but adds no loss.
+    loss_weights: np.ndarray | None = None
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per-objective stats
 
     def __post_init__(self) -> None:
@@ -151,6 +163,8 @@ class Features:
             raise ValueError(f"targets {self.targets.shape} != target_mask {self.target_mask.shape}")
         if (self.inputs is None) != (self.input_lengths is None):
             raise ValueError("inputs and input_lengths come together")
+        if self.loss_weights is not None and self.loss_weights.shape != self.targets.shape:
+            raise ValueError(f"loss_weights {self.loss_weights.shape} != targets {self.targets.shape}")
 
 
 class Objective(abc.ABC):
@@ -172,6 +186,11 @@ class Objective(abc.ABC):
         if caps is not None:
             cls.architectures = caps.architectures
             cls.model_kind = caps.model_kind
+
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Token ids the model must never predict: their logits are −∞ in the loss and at
+        inference (masked diffusion's SUBS parameterisation never predicts MASK)."""
+        return ()
 
     def row_length(self, seq_len: int) -> int:
         """Length of the packed rows this objective needs to make features of ``seq_len``."""

@@ -24,10 +24,10 @@ class Doc:
             self.notes.append(reason)
         return self.notes.index(reason) + 1
 
-    def cell(self, value: float | None, digits: int, reason: str | None) -> str:
+    def cell(self, value: float | None, digits: int, reason: str | None, bound: bool = False) -> str:
         if value is None:
             return f"n/a [{self.note(reason or 'not measured')}]"
-        return fmt(value, digits)
+        return ("≤ " if bound else "") + fmt(value, digits)
 
     def add(self, *block: Any) -> None:
         self.blocks.append(tuple(block))
@@ -88,7 +88,8 @@ def _measured(doc: Doc, rows: list[Row], columns: list[Column]) -> None:
     for r in rows:
         body.append([r.label, r.architecture.replace("_", "-"),
                      f"{r.parameters / 1e6:.2f} M" if r.parameters else "?", str(r.steps),
-                     f"{r.tokens:,}", *[doc.cell(r.values.get(c.name), c.digits, r.reasons.get(c.name))
+                     f"{r.tokens:,}", *[doc.cell(r.values.get(c.name), c.digits, r.reasons.get(c.name),
+                                                   bool(r.extras.get(c.name, {}).get("bound")))
                                          for c in ranked]])
     doc.add("table", head, body)
     doc.add("p", "What each column compares:")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmobjectives.report.comparison_rows import CURVE_POINTS, Column, Row, fmt
+from lmobjectives.report.comparison_rows import CURVE_POINTS, Column, Row, value_text
 from lmobjectives.report.plots import save_figure
 
 
@@ -65,7 +65,8 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
         xs = range(len(rows))
         bars = ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None],
                       color="#4c72b0")
-        ax.bar_label(bars, labels=[fmt(v, col.digits) for v in vals if v is not None], fontsize=7,
+        ax.bar_label(bars, labels=[value_text(r, col.name, col.digits) for r in rows
+                                   if r.values.get(col.name) is not None], fontsize=7,
                      padding=2)
         ax.margins(y=0.15)
         for x, v in zip(xs, vals):

@@ -124,6 +124,12 @@ def load_comparison(out: str | Path) -> tuple[dict[str, Any], list[Row], list[Co
 
 
 # ------------------------------------------------------------------------------ numbers
+def value_text(row: "Row", name: str, digits: int) -> str:
+    """A row's value as printed: a bound (a masked diffusion model's ELBO) reads "≤ x"."""
+    bound = row.extras.get(name, {}).get("bound")
+    return ("≤ " if bound and row.values.get(name) is not None else "") + fmt(row.values.get(name), digits)
+
+
 def fmt(value: float | None, digits: int) -> str:
     if value is None:
         return "n/a"
@@ -159,7 +165,7 @@ def paragraph(row: Row, rows: list[Row], columns: list[Column]) -> str:
         if rk is None:
             continue
         rank, n, tied = rk
-        v = fmt(row.values[col.name], col.digits)
+        v = value_text(row, col.name, col.digits)
         extra = ""
         if col.name == "probe_accuracy":
             ex = row.extras.get(col.name, {})
@@ -201,6 +207,6 @@ def winners(rows: list[Row], columns: list[Column]) -> list[str]:
             continue
         top = [r for r in rows if rk.get(r.label, (0,))[0] == 1]
         way = "higher" if col.higher_is_better else "lower"
-        names = ", ".join(f"{r.label} ({fmt(r.values[col.name], col.digits)})" for r in top)
+        names = ", ".join(f"{r.label} ({value_text(r, col.name, col.digits)})" for r in top)
         out.append(f"{col.label} ({way} is better, {len(rk)} runs): {names}")
     return out

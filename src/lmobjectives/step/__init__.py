@@ -30,7 +30,7 @@ def _standard(model: torch.nn.Module, objective: Objective, architecture: str, b
               compile_model: bool = False, loss_chunks: int | str = 1) -> TrainModule:
     # torch.compile wraps the same parameters: checkpoints and export use the plain model.
     return StandardModule(torch.compile(model) if compile_model else model, architecture, bf16=bf16,
-                          loss_chunks=loss_chunks)
+                          loss_chunks=loss_chunks, suppressed=objective.suppressed_ids())
 
 
 def _mtp(model: torch.nn.Module, objective: Any, architecture: str, bf16: bool,

@@ -119,7 +119,8 @@ class MTPModule:
                 x = self.model.projection_input(k, hidden)  # (B, T, d)
                 return chunked_nll_sum(x, head.weight, head.bias, labels, False, chunks)
             logits = self.model.logits(k, hidden)  # (B, T, V)
-        return token_nll_sum(logits, labels, shift=False)
+        nll, correct, _ = token_nll_sum(logits, labels, shift=False)
+        return nll, correct
 
     def _scale(self, k: int, totals: torch.Tensor) -> float | torch.Tensor:
         return self.weights[k - 1] / totals[k - 1].clamp(min=1)

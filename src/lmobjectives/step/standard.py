@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from lmobjectives.data.converters import CAUSAL_SHIFT, IGNORE
-from lmobjectives.loss import chunked_nll_sum, resolve_chunks, token_nll_sum
+from lmobjectives.loss import aligned_labels, chunked_nll_sum, resolve_chunks, token_nll_sum
 from lmobjectives.models.output import output_projection, projection_removed
+from lmobjectives.models.presets import forward_inputs
 from lmobjectives.runtime import autocast
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids",
@@ -31,7 +32,8 @@ class TrainModule(Protocol):
     def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
                          backward: bool = True) -> dict[str, torch.Tensor]:
         """Add this micro-batch's gradient of sum(loss_term / totals[term]); return
-        per-term ``nll`` and ``correct`` sums (detached)."""
+        per-term ``nll`` and ``correct`` sums (detached), and optionally ``predicted``: the
+        tokens top-1 accuracy is over, when weights leave some scored tokens unpredicted."""
 
 
 class StandardModule:
@@ -40,38 +42,45 @@ class StandardModule:
     terms = ("loss",)
 
     def __init__(self, model: torch.nn.Module, architecture: str, bf16: bool = False,
-                 loss_chunks: int | str = 1) -> None:
+                 loss_chunks: int | str = 1, suppressed: tuple[int, ...] = ()) -> None:
         self.model = model
         self.shift = CAUSAL_SHIFT[architecture]
         self.bf16 = bf16
         self.loss_chunks = loss_chunks
+        self.suppressed = tuple(suppressed)  # ids the objective never lets the model predict
 
     def counts(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         labels = batch["labels"][:, 1:] if self.shift else batch["labels"]
         return np.array([(labels != IGNORE).sum()], dtype=np.int64)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+        inputs = forward_inputs(self.model, {k: v for k, v in batch.items() if k in MODEL_KEYS})
         device = next(self.model.parameters()).device
         with autocast(device, self.bf16):
             return self.model(**inputs).logits  # (B, T, V)
 
-    def score(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nll sum, correct count) of a batch, in one piece or chunk by chunk."""
+    def score(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nll sum, correct count, predicted-token count) of a batch, in one piece or chunk by
+        chunk. Weighted or suppressed scoring (masked diffusion) takes the one-piece path: the
+        chunked kernel scores plain, unweighted cross-entropy only."""
         labels = batch["labels"]
+        weights = batch.get("loss_weights")
         vocab = output_projection(self.model).out_features
         chunks = resolve_chunks(self.loss_chunks, labels.numel(), vocab)
-        if chunks == 1:
-            return token_nll_sum(self.logits(batch), labels, self.shift)
+        if chunks == 1 or weights is not None or self.suppressed:
+            return token_nll_sum(self.logits(batch), labels, self.shift, weights=weights,
+                                 suppressed=self.suppressed)
         device = labels.device
         with projection_removed(self.model) as head:
             hidden = self.logits(batch)  # (B, T, d): the projection's input
         with autocast(device, self.bf16):
-            return chunked_nll_sum(hidden, head.weight, head.bias, labels, self.shift, chunks)
+            nll, correct = chunked_nll_sum(hidden, head.weight, head.bias, labels, self.shift, chunks)
+        return nll, correct, (aligned_labels(labels, self.shift) != IGNORE).sum()
 
     def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
                          backward: bool = True) -> dict[str, torch.Tensor]:
-        nll, correct = self.score(batch)
+        nll, correct, predicted = self.score(batch)
         if backward:
             (nll / totals[0].clamp(min=1)).backward()
-        return {"nll": nll.detach()[None], "correct": correct.detach()[None]}
+        return {"nll": nll.detach()[None], "correct": correct.detach()[None],
+                "predicted": predicted.detach()[None]}

@@ -192,13 +192,13 @@ class Trainer:
         micro = self._fetch()
         totals = self._count(micro)
         lr = self._begin(self.run.cfg.train.steps)
-        nll, correct = self._forward_backward(micro, totals)
-        nll, correct, real_by_source = self._reduce_stats(nll, correct, micro)
+        nll, correct, predicted = self._forward_backward(micro, totals)
+        nll, correct, predicted, real_by_source = self._reduce_stats(nll, correct, predicted, micro)
         hook = self._update_hook()
         if hook is not None:
             hook.before_clip()  # pre-update hook: e.g. new embedding rows only
         grad_norm = self._clip()
-        record = self._record(nll, correct, totals, lr, grad_norm)
+        record = self._record(nll, correct, predicted, totals, lr, grad_norm)
         if hook is not None:
             record["update"] = "new_rows_only"
         skip = self._guard(record)
@@ -238,11 +238,15 @@ class Trainer:
             begin(self.step, total_steps)
         return lr
 
-    def _forward_backward(self, micro: list, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of sum(loss / global count) over the micro-batches; (nll, correct) sums."""
+    def _forward_backward(self, micro: list, totals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gradients of sum(loss / global count) over the micro-batches; (nll, correct) sums
+        and the tokens the first term's accuracy is over: what the module reports as
+        ``predicted`` (a weighted loss predicts only its tokens of non-zero weight), else the
+        scored tokens."""
         with_loss = self.run.model_with_loss
         nll = torch.zeros(len(with_loss.terms), dtype=torch.float64, device=self.run.device)
         correct = torch.zeros_like(nll)
+        predicted = torch.zeros(1, dtype=torch.float64, device=self.run.device)
         for i, (batch, _, _) in enumerate(micro):
             tensors = to_torch(batch, self.run.device)
             sync = getattr(with_loss, "no_sync", None)  # DDP: all-reduce on the last one only
@@ -250,10 +254,12 @@ class Trainer:
                 out = with_loss.forward_backward(tensors, totals.float())
             nll += out["nll"].double()
             correct += out["correct"].double()
-        return nll, correct
+            predicted += out["predicted"].double()[:1] if "predicted" in out else \
+                float(with_loss.counts(batch)[0])
+        return nll, correct, predicted
 
-    def _reduce_stats(self, nll: torch.Tensor, correct: torch.Tensor,
-                      micro: list) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    def _reduce_stats(self, nll: torch.Tensor, correct: torch.Tensor, predicted: torch.Tensor,
+                      micro: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
         """One all-reduce carries the loss sums, the per-source token counts and the stop flag,
         so that every rank logs the same numbers and stops at the same step."""
         run = self.run
@@ -263,10 +269,12 @@ class Trainer:
                       (rows.tokens != run.specials.pad).sum(axis=1))
         n_terms = len(nll)
         stats = self._all_reduce(torch.cat([
-            nll, correct, torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
+            nll, correct, predicted,
+            torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
             torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=run.device)]))
         self._stop_agreed = bool(stats[-1] > 0)
-        return stats[:n_terms], stats[n_terms:2 * n_terms], stats[2 * n_terms:-1].tolist()
+        return (stats[:n_terms], stats[n_terms:2 * n_terms], stats[2 * n_terms:2 * n_terms + 1],
+                stats[2 * n_terms + 1:-1].tolist())
 
     def _update_hook(self) -> Any:
         """The run's update filter when it acts on this step (None otherwise)."""
@@ -278,8 +286,8 @@ class Trainer:
         return float(torch.nn.utils.clip_grad_norm_(self.run.model.parameters(),
                                                      clip if clip > 0 else float("inf")))
 
-    def _record(self, nll: torch.Tensor, correct: torch.Tensor, totals: torch.Tensor, lr: float,
-                grad_norm: float) -> dict[str, Any]:
+    def _record(self, nll: torch.Tensor, correct: torch.Tensor, predicted: torch.Tensor,
+                totals: torch.Tensor, lr: float, grad_norm: float) -> dict[str, Any]:
         terms = self.run.model_with_loss.terms
         per_term = (nll / totals.clamp(min=1)).tolist()
         record: dict[str, Any] = {"step": self.step + 1, "loss": per_term[0], "lr": lr,
@@ -289,7 +297,7 @@ class Trainer:
             record.update({f"{name}": v for name, v in zip(terms[1:], per_term[1:])})
             record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
                            zip(terms[1:], correct.tolist()[1:], totals.tolist()[1:])})
-        record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
+        record["accuracy"] = float(correct[0] / max(float(predicted[0]), 1))
         return record
 
     def _guard(self, record: dict[str, Any]) -> str | None:

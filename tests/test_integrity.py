@@ -77,7 +77,7 @@ def test_verify_cli_names_the_file_and_exits_2(ckpt):
     assert code == 2 and "Traceback" not in err
     assert f"CORRUPT   {ckpt}: checkpoint file {ckpt / 'optimizer.pt'} is corrupt" in out
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-        f"error: 1 of 1 checkpoint(s) in {run_dir} failed verification (first: checkpoint file "
+        f"error: 1 of 1 checkpoint(s)/model(s) in {run_dir} failed verification (first: checkpoint file "
         f"{ckpt / 'optimizer.pt'} is corrupt (SHA-256 mismatch))"]
 
 
@@ -91,7 +91,9 @@ def test_verify_run_reports_every_checkpoint_and_leftovers(run, tmp_path):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"x")
     res = verify_run(copy)
-    assert [(r.get("step"), r.get("ok")) for r in res if "checkpoint" in r] == [(2, True), (4, True), (8, False)]
+    assert [(r.get("step"), r.get("ok")) for r in res if "checkpoint" in r] == [
+        (2, True), (4, True), (8, False), (None, True)]
+    assert res[3]["kind"] == "model" and res[3]["checkpoint"] == str(copy / "final")
     assert "not a complete checkpoint" in res[2]["error"]
     assert res[-1] == {"leftover": str(copy / "checkpoints" / ".step-0000006.tmp-abcd1234")}
     code, out, _ = ru.run_cli(["verify", str(copy), "--json"])

@@ -36,6 +36,34 @@ def golden_tree(store: Path, out: Path) -> dict:
             "out": str(out)}
 
 
+def platform() -> str:
+    """What decides the last bits of a CPU run: the CPU (vendor, model, the SIMD level torch
+    dispatches to) and the torch build. Floating-point sums are ordered differently by the
+    AVX2 and AVX-512 kernels and by MKL's per-vendor code paths, so bit-for-bit equality is a
+    promise for one platform only."""
+    import platform as py_platform
+
+    import torch
+
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("vendor_id", "model name") and key.strip() not in cpu:
+                cpu[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return " | ".join([cpu.get("vendor_id", py_platform.machine()), cpu.get("model name", ""),
+                       torch.backends.cpu.get_cpu_capability(), f"torch {torch.__version__}"])
+
+
+def weights_norms(model_file: Path) -> dict[str, float]:
+    """Each tensor's L2 norm: what is compared on another platform, where the digest cannot be."""
+    from safetensors.torch import load_file
+
+    return {name: float(t.double().norm()) for name, t in sorted(load_file(str(model_file)).items())}
+
+
 def weights_digest(model_file: Path) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: equal exactly
     when the weights are bit for bit equal (the file's own bytes could also hold metadata)."""
@@ -64,5 +92,7 @@ def golden_run(root: Path) -> dict:
         torch.set_num_threads(threads)
     records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if not r.get("eval")]
-    return {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
-            "weights_sha256": weights_digest(res.run_dir / "final" / "model.safetensors")}
+    final = res.run_dir / "final" / "model.safetensors"
+    return {"platform": platform(), "losses": [r["loss"] for r in records],
+            "grad_norms": [r["grad_norm"] for r in records],
+            "weights_sha256": weights_digest(final), "weights_l2": weights_norms(final)}

@@ -1,5 +1,6 @@
 """A golden run: a tiny CLM run on a fixed synthetic store must reproduce, bit for bit on CPU
-(one thread, fp32), the per-step losses, gradient norms and final weights recorded in
+(one thread, fp32, on the platform it was recorded on; within rel 1e-6 elsewhere), the per-step
+losses, gradient norms and final weights recorded in
 ``assets/golden_clm_tiny.json``. A change that moves them changes training numerics: find out
 why, then regenerate with ``scripts/regolden.py`` (this test only reads the asset).
 
@@ -23,12 +24,27 @@ def expected() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+# Off the recording platform the same code moves the last bits only: measured between an
+# AVX-512 AMD and the platform the previous asset came from, the largest relative loss
+# difference over 8 steps was 6e-8. 1e-6 is far below what a real change of numerics moves
+# (a gradient-scale error moves grad norms by 2x; AdamW eps 1e-8 -> 1e-7 moves the losses by up
+# to 8.8e-4 relative, measured).
+OTHER_PLATFORM_REL = 1e-6
+
+
 def test_golden_run(tmp_path, expected):
     got = golden_run(tmp_path)
-    assert set(expected) == {"losses", "grad_norms", "weights_sha256"}
-    assert got["losses"] == expected["losses"]
-    assert got["grad_norms"] == expected["grad_norms"]
-    assert got["weights_sha256"] == expected["weights_sha256"]
+    assert set(expected) == {"platform", "losses", "grad_norms", "weights_sha256", "weights_l2"}
+    if got["platform"] == expected["platform"]:  # bit for bit where the asset was recorded
+        assert got["losses"] == expected["losses"]
+        assert got["grad_norms"] == expected["grad_norms"]
+        assert got["weights_sha256"] == expected["weights_sha256"]
+        assert got["weights_l2"] == expected["weights_l2"]
+        return
+    rel = OTHER_PLATFORM_REL
+    assert got["losses"] == pytest.approx(expected["losses"], rel=rel, abs=0)
+    assert got["grad_norms"] == pytest.approx(expected["grad_norms"], rel=rel * 10, abs=0)
+    assert got["weights_l2"] == pytest.approx(expected["weights_l2"], rel=rel * 10, abs=0)
 
 
 def test_step_one_loss_is_transformers_own_loss(tmp_path, expected):

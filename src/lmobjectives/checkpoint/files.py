@@ -38,15 +38,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a directory is complete once it has its checksums)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / CHECKSUMS).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
 # What our atomic writers leave behind when killed: ``.NAME.tmp-XXXXXXXX`` directories
 # (checkpoints, stores, exports: mkdtemp), ``.NAME.XXXXXXXX.tmp`` / ``.NAME.XXXXXXXX.png``
 # files (atomic_write_bytes, plots: mkstemp's 8 random characters) and ``.NAME.old``

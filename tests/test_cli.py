@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,9 +88,12 @@ def test_user_errors_are_one_line(args, words, tmp_path):
 # Usage errors found by the parser itself, before any command runs: unknown options and
 # commands, values of the wrong type, missing arguments.
 USAGE_ERRORS = [
-    (("train", "--stesp", "3"), ("--stesp",)),
+    (("train", "--stesp", "3"), ("--stesp", "Did you mean --steps?")),
     (("train", "--steps", "abc"), ("--steps",)),
     (("nosuchcmd",), ("nosuchcmd",)),
+    (("tokenzier",), ("tokenzier", "Did you mean 'tokenizer'?")),
+    (("train", "--steps"), ("--steps", "requires an argument")),
+    (("eval",), ("run_dir",)),
     (("export",), ("checkpoint",)),
     (("tokenizer", "nosuch"), ("nosuch",)),
     (("generate", "/x", "--max-new-tokens", "many"), ("--max-new-tokens",)),
@@ -124,3 +128,25 @@ def test_bare_command_prints_help_and_succeeds():
 
     code, out, err = ru.run_cli([])
     assert code == 0 and "train" in out and "Traceback" not in err
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    """SIGINT (what Ctrl-C sends) in the middle of a run: ``interrupted``, exit 130, no
+    traceback."""
+    import signal
+    import time
+
+    import runs_util as ru
+
+    store = ru.make_store(tmp_path, n_docs=12, words=40)
+    args = ru.tiny_args(store, tmp_path / "run", 100000, every=0)
+    p = subprocess.Popen([sys.executable, "-m", "lmobjectives.cli", *args], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    end = time.monotonic() + 240
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 130 and lines[-1] == "interrupted" and "Traceback" not in err, err[-3000:]

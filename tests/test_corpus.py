@@ -248,10 +248,10 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "a.txt"
     path.write_text("x")
 
-    def denied(self):
+    def denied(self, *a, **kw):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 0 does not stop root
+    monkeypatch.setattr(Path, "open", denied)  # chmod 0 does not stop root
     with pytest.raises(UserError, match="a.txt: cannot read file \\(Permission denied\\)"):
         read([str(path)])
 

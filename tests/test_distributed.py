@@ -253,7 +253,8 @@ def test_lmobj_verify_checks_a_sharded_checkpoint_and_names_a_damaged_file(runs,
     ok = subprocess.run(lmobj, env=env(), capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
-    assert report["ok"] and len(report["checkpoints"]) == STEPS // 2
+    kinds = [r["kind"] for r in report["checkpoints"]]
+    assert report["ok"] and kinds == ["checkpoint"] * (STEPS // 2) + ["model"]  # + final/
     ckpt = run / "checkpoints" / f"step-{STEPS:07d}"
     shard = sorted(ckpt.glob("*.distcp"))[0]
     data = bytearray(shard.read_bytes())

@@ -77,7 +77,7 @@ def test_verify_cli_names_the_file_and_exits_2(ckpt):
     assert code == 2 and "Traceback" not in err
     assert f"CORRUPT   {ckpt}: checkpoint file {ckpt / 'optimizer.pt'} is corrupt" in out
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-        f"error: 1 of 1 checkpoint(s) in {run_dir} failed verification (first: checkpoint file "
+        f"error: 1 of 1 checkpoint(s)/model(s) in {run_dir} failed verification (first: checkpoint file "
         f"{ckpt / 'optimizer.pt'} is corrupt (SHA-256 mismatch))"]
 
 
@@ -91,7 +91,9 @@ def test_verify_run_reports_every_checkpoint_and_leftovers(run, tmp_path):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"x")
     res = verify_run(copy)
-    assert [(r.get("step"), r.get("ok")) for r in res if "checkpoint" in r] == [(2, True), (4, True), (8, False)]
+    assert [(r.get("step"), r.get("ok")) for r in res if "checkpoint" in r] == [
+        (2, True), (4, True), (8, False), (None, True)]
+    assert res[3]["kind"] == "model" and res[3]["checkpoint"] == str(copy / "final")
     assert "not a complete checkpoint" in res[2]["error"]
     assert res[-1] == {"leftover": str(copy / "checkpoints" / ".step-0000006.tmp-abcd1234")}
     code, out, _ = ru.run_cli(["verify", str(copy), "--json"])
@@ -268,3 +270,39 @@ def test_the_scan_accepts_the_safe_forms():
           "import numpy as np\nnp.load(f)\nnp.load(f, allow_pickle=False)\n"
           "m.from_pretrained(p, trust_remote_code=False)\n")
     assert scan_source(ok) == ([], 2)
+
+
+# ------------------------------------------------------------------ final/ and exported models
+def test_final_and_exports_carry_checksums_and_verify_checks_them(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    hf = tmp_path / "hf"
+    assert ru.run_cli(["export", str(list_checkpoints(copy)[-1]), "--out", str(hf)])[0] == 0
+    for d in (copy / "final", hf):
+        sums = json.loads((d / "checksums.json").read_text())["files"]
+        assert "model.safetensors" in sums and "tokenizer.json" in sums and "config.json" in sums
+    assert [r["kind"] for r in verify_run(copy)] == ["checkpoint", "checkpoint", "model"]
+    assert ru.run_cli(["verify", str(hf)])[0] == 0
+    for d in (copy / "final", hf):
+        flip_byte(d / "model.safetensors", 100, 1)
+        code, out, err = ru.run_cli(["verify", str(copy if d.name == "final" else d)])
+        assert code == 2 and "Traceback" not in err, err
+        assert f"CORRUPT   {d}: model file {d / 'model.safetensors'} is corrupt" in out, out
+    (hf / "checksums.json").unlink()
+    code, _, err = ru.run_cli(["verify", str(hf)])
+    assert code == 2 and "has no checksums.json" in err, err
+
+
+def test_a_failed_export_leaves_no_output(run, tmp_path, monkeypatch):
+    import lmobjectives.export as export
+
+    def broken(*a, **kw):  # noqa: ANN002,ANN003,ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_checksums", broken)
+    hf = tmp_path / "hf"
+    code, _, err = ru.run_cli(["export", str(list_checkpoints(run)[-1]), "--out", str(hf)])
+    assert code == 2 and "No space left" in err, err
+    assert list(tmp_path.iterdir()) == []  # neither hf/ nor a temporary directory

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lmobjectives.checkpoint.files import file_sums, write_checksums
 from lmobjectives.tokenizer import save_hf_tokenizer
 from lmobjectives.util import publish_dir
 
@@ -28,6 +29,8 @@ def export_model(model: torch.nn.Module, tokenizer, out: str | Path) -> Path:  #
         if use_cache is not None:
             model.config.use_cache = use_cache
         save_hf_tokenizer(tokenizer, tmp)
+        # Like a checkpoint's: what `lmobj verify` checks the exported files against.
+        write_checksums(tmp, file_sums(tmp, sorted(f for f in tmp.iterdir() if f.is_file())))
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,8 @@ its ``--init-from`` source has moved.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from lmobjectives.store.store import TokenStore
 from lmobjectives.tokenizer import (load_tokenizer, save_hf_tokenizer, tokenizer_fingerprint,
                                     train_tokenizer)
 from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
+from lmobjectives.util import publish_dir
 
 DEFAULT_VOCAB = 8192
 
@@ -138,8 +141,22 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     texts = (doc.text for doc in iter_documents(corpus, encoding=d.encoding, text_field=d.text_field,
                                                     split=d.split))
     tok = train_tokenizer(texts, DEFAULT_VOCAB, None)
-    save_hf_tokenizer(tok, own)
+    publish_tokenizer(tok, own)
     return tok, str(own)
+
+
+def publish_tokenizer(tok: Any, out: Path) -> None:
+    """Save ``tok`` into a hidden temporary directory next to ``out`` and rename it: a run
+    killed half-way leaves a leftover (removed at the next start), never a ``tokenizer/``
+    that a resume would take for complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_hf_tokenizer(tok, tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def with_reserved_tokens(tok: Any, tok_from: str, run_dir: Path) -> tuple[Any, str]:
@@ -154,7 +171,7 @@ def with_reserved_tokens(tok: Any, tok_from: str, run_dir: Path) -> tuple[Any, s
     if (own / "tokenizer.json").is_file():
         return load_tokenizer(str(own)), str(own)
     tok.add_special_tokens(missing)
-    save_hf_tokenizer(tok, own)
+    publish_tokenizer(tok, own)
     return tok, f"{tok_from} + {len(missing)} reserved tokens ({own})"
 
 

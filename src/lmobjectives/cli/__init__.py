@@ -20,11 +20,14 @@ from lmobjectives.errors import UserError
 
 __all__ = ["app", "main"]
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 def main() -> None:
     try:
         code = app(standalone_mode=False)  # a typer.Exit comes back as its code
+        if code == INTERRUPTED_EXIT:  # typer >= 0.26 turns Ctrl-C into Exit(130), silently
+            print("interrupted", file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as exc:
@@ -32,7 +35,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT)
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise
@@ -75,14 +78,28 @@ def _parser_exit(exc: BaseException) -> int | None:
     if isinstance(exc, _parser_exceptions("UsageError")):
         ctx = exc.ctx  # type: ignore[attr-defined]
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"error: {_usage_message(exc)}{hint}", file=sys.stderr)
         return UserError.exit_code
     if isinstance(exc, _parser_exceptions("ClickException")):
         print(f"error: {exc.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
         return UserError.exit_code
-    if isinstance(exc, _parser_exceptions("Abort")):
-        return 1
+    if isinstance(exc, _parser_exceptions("Abort")):  # the parser's name for Ctrl-C (or EOF)
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return None
+
+
+def _usage_message(exc: BaseException) -> str:
+    """The parser's message; a mistyped option gets the one closest name ("did you mean"),
+    where the parser lists every option that shares a prefix with it."""
+    import difflib
+
+    name, possible = getattr(exc, "option_name", None), getattr(exc, "possibilities", None)
+    if name and possible and len(possible) > 1:
+        best = difflib.get_close_matches(name, sorted(possible), n=1, cutoff=0.6)
+        if best:
+            return f"No such option: {name}. Did you mean {best[0]}?"
+    return exc.format_message()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

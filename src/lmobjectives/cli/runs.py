@@ -27,10 +27,11 @@ def export(
 
 @app.command()
 def verify(
-    run_dir: str = typer.Argument(..., help="A run directory (or one checkpoint directory)."),
+    run_dir: str = typer.Argument(..., help="A run directory, one checkpoint, or an exported model directory."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Check every checkpoint of a run against its SHA-256 checksums; exit 2 if any is damaged."""
+    """Check every checkpoint of a run and its final/ model (or one checkpoint, or one exported
+    model directory) against their SHA-256 checksums; exit 2 if any is damaged."""
     from lmobjectives.checkpoint import verify_run
 
     results = verify_run(Path(run_dir))
@@ -47,7 +48,7 @@ def verify(
                 print(f"{'ok' if r['ok'] else 'CORRUPT':8}  {r['checkpoint']}"
                       + ("" if r["ok"] else f": {r['error']}"))
     if bad:
-        raise UserError(f"{len(bad)} of {len(checked)} checkpoint(s) in {run_dir} failed verification "
+        raise UserError(f"{len(bad)} of {len(checked)} checkpoint(s)/model(s) in {run_dir} failed verification "
                         f"(first: {bad[0]['error']})")
 
 

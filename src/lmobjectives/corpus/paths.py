@@ -33,11 +33,20 @@ def _walk(root: Path) -> list[Path]:
                 continue
             path = Path(dirpath) / name
             # Keep corpus reads inside the directory the user named.
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+            if path.is_symlink() and not _resolves_inside(path, real_root):
                 continue
             if path.is_file():
                 found.append(path)
     return sorted(found)
+
+
+def _resolves_inside(path: Path, root: Path) -> bool:
+    """A symlink that leads inside ``root``; False for one that leads out, or nowhere (a loop
+    ``a -> b -> a``: Python raises RuntimeError or OSError, depending on its version)."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
 
 
 def _expand(arg: str) -> list[Path]:

@@ -54,7 +54,7 @@ import zstandard
 from lmobjectives.corpus import default as default_corpus
 from lmobjectives.corpus import hf_datasets
 from lmobjectives.corpus.paths import as_list, reading_plan
-from lmobjectives.corpus.streams import first_bad_utf8, open_jsonl, split_lines
+from lmobjectives.corpus.streams import OversizeLine, first_bad_utf8, open_jsonl, split_lines
 from lmobjectives.errors import UserError
 
 EncodingPolicy = Literal["strict", "replace", "skip"]
@@ -62,6 +62,10 @@ ENCODING_POLICIES: tuple[str, ...] = ("strict", "replace", "skip")
 # A NUL byte in the first 8 KiB marks a file as binary (the heuristic git uses, on 8000 bytes).
 BINARY_SNIFF_BYTES = 8192
 _UTF8_BOM = b"\xef\xbb\xbf"
+# The largest document (plain file or JSONL line) read, so memory stays bounded whatever the
+# input: far above natural documents (a long novel is 1-2 MB of UTF-8), below what would
+# stall tokenization or exhaust memory. A larger file is a dump to split into JSONL rows.
+MAX_DOCUMENT_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -139,11 +143,27 @@ class _Reader:
 
     # -- plain text ----------------------------------------------------------------------
 
+    def oversize(self, where: str, size: int, lineno: int | None = None) -> None:
+        """A document over ``MAX_DOCUMENT_BYTES``: an error under strict, else counted as
+        malformed and skipped (the caller warns)."""
+        if self.policy == "strict":
+            at = f" (line {lineno})" if lineno is not None else ""
+            raise UserError(f"{where}: a document{at} of more than {MAX_DOCUMENT_BYTES >> 20} MiB "
+                            f"({size} bytes or more); split it into smaller documents (e.g. JSONL rows)")
+
     def read_plain(self, path: Path) -> Iterator[Document]:
         try:
-            data = path.read_bytes()
+            with path.open("rb") as fh:
+                data = fh.read(MAX_DOCUMENT_BYTES + 1)  # never more than the bound in memory
         except OSError as exc:
             raise UserError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+        if len(data) > MAX_DOCUMENT_BYTES:
+            size = path.stat().st_size
+            self.oversize(str(path), size)
+            self.stats.skipped_malformed += 1
+            self.warn(f"{path}: {size} bytes, more than the {MAX_DOCUMENT_BYTES >> 20} MiB a document may "
+                      "hold; skipped (split it into smaller documents)")
+            return
         if b"\0" in data[:BINARY_SNIFF_BYTES]:
             self.stats.skipped_binary += 1
             self.warn(f"{path}: looks binary (NUL byte in the first {BINARY_SNIFF_BYTES} bytes); skipped")
@@ -175,12 +195,17 @@ class _Reader:
         first_bad: dict[str, tuple[int, str]] = {}
         counts = {"undecodable": 0, "malformed": 0}
         offset = 0
-        for lineno, raw in enumerate(split_lines(head, f), start=1):
-            line_offset, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
+        for lineno, raw in enumerate(split_lines(head, f, MAX_DOCUMENT_BYTES), start=1):
+            size = raw.size if isinstance(raw, OversizeLine) else len(raw)
+            line_offset, offset = offset, offset + size
             where = f"{path}:{lineno}"
-            text, problem = self._jsonl_text(raw, where, line_offset)
+            if isinstance(raw, OversizeLine):
+                self.oversize(where, size, lineno)
+                text, problem = "", ("malformed", f"a line of {size} bytes, over {MAX_DOCUMENT_BYTES >> 20} MiB")
+            elif not raw.strip():
+                continue
+            else:
+                text, problem = self._jsonl_text(raw, where, line_offset)
             if problem is not None:
                 counts[problem[0]] += 1
                 first_bad.setdefault(problem[0], (lineno, problem[1]))

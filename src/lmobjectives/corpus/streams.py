@@ -67,21 +67,45 @@ def open_jsonl(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def split_lines(head: bytes, f: BinaryIO) -> Iterator[bytes]:
+class OversizeLine(bytes):
+    """Stands for a line longer than the reader's bound: its content was dropped while read,
+    only its length (``size``) is kept, so the offsets of the lines after it stay right."""
+
+    size: int
+
+    def __new__(cls, size: int) -> "OversizeLine":
+        line = super().__new__(cls, b"")
+        line.size = size
+        return line
+
+
+def split_lines(head: bytes, f: BinaryIO, max_line: int | None = None) -> Iterator[bytes]:
     """Lines (with their b"\\n") of `head` followed by the rest of `f`, read in 1 MiB chunks.
 
     Pieces of an unfinished line are joined once, when it ends, so a huge line costs O(n).
+    A line longer than ``max_line`` bytes is not kept: memory stays O(max_line + chunk)
+    whatever the input (a 100 MB line without a newline), and an ``OversizeLine`` takes its place.
     """
     pending: list[bytes] = []
+    held, dropped = 0, 0  # bytes in ``pending``; bytes of the current line already let go
     chunk = head
     while chunk:
         parts = chunk.split(b"\n")
         for part in parts[:-1]:
-            pending.append(part + b"\n")
-            yield b"".join(pending)
-            pending = []
+            if dropped or (max_line is not None and held + len(part) + 1 > max_line):
+                yield OversizeLine(dropped + held + len(part) + 1)
+            else:
+                pending.append(part + b"\n")
+                yield b"".join(pending)
+            pending, held, dropped = [], 0, 0
         if parts[-1]:
-            pending.append(parts[-1])
+            if dropped or (max_line is not None and held + len(parts[-1]) > max_line):
+                dropped, pending, held = dropped + held + len(parts[-1]), [], 0
+            else:
+                pending.append(parts[-1])
+                held += len(parts[-1])
         chunk = f.read(_CHUNK_BYTES)
-    if pending:
+    if dropped:
+        yield OversizeLine(dropped)
+    elif pending:
         yield b"".join(pending)

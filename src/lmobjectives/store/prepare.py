@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lmobjectives.corpus import CorpusStats, file_fingerprints, iter_documents
+from lmobjectives.corpus.default import is_default_spec
+from lmobjectives.corpus.paths import resolve_files
 from lmobjectives.errors import UserError
 from lmobjectives.store.store import TokenStore, encode_documents, write_store
 from lmobjectives.tokenizer import encode_data, save_hf_tokenizer, tokenizer_fingerprint
@@ -35,6 +37,7 @@ def prepare_store(
     if not corpus:
         raise UserError("no corpus given: pass --corpus PATH (or 'default')")
     out = Path(out)
+    before = _file_stats(corpus)  # before hashing: the hash must describe what was read
     stats = CorpusStats()
     kwargs = {"warn": warn} if warn else {}
     texts = (d.text for d in iter_documents(list(corpus), encoding=encoding, text_field=text_field,
@@ -49,7 +52,31 @@ def prepare_store(
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         sources=file_fingerprints(list(corpus), split=split), val_fraction=val_fraction, seed=seed,
         # read once the documents are consumed, so the counts are final
-        extra=lambda: {"corpus": [str(c) for c in corpus], "reader": stats.as_dict()},
+        extra=lambda: _check_unchanged(before, corpus) or {"corpus": [str(c) for c in corpus],
+                                                             "reader": stats.as_dict()},
         populate=lambda tmp: save_hf_tokenizer(tokenizer, tmp / "tokenizer"),
     )
     return TokenStore(out)
+
+
+def _file_stats(corpus: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(size, mtime in ns) of every corpus file (the embedded corpus is part of the package)."""
+    plain = [c for c in corpus if not is_default_spec(str(c))]
+    out = {}
+    for p in resolve_files(plain) if plain else []:
+        st = p.stat()
+        out[str(p)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _check_unchanged(before: dict[str, tuple[int, int]], corpus: Sequence[str]) -> None:
+    """Raise if a corpus file changed (size or mtime) while the store was being written: its
+    documents and its recorded fingerprint would not describe one version of it."""
+    after = _file_stats(corpus)
+    for path, (size, mtime) in before.items():
+        now = after.get(path)
+        if now != (size, mtime):
+            what = "disappeared" if now is None else (f"changed from {size} to {now[0]} bytes" if now[0] != size
+                                                      else "was modified (its mtime changed)")
+            raise UserError(f"{path} {what} while it was read; the store was not written. "
+                            "Prepare it again once the corpus is no longer being written")

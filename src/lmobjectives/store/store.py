@@ -16,6 +16,7 @@ content; a run records it and refuses a store whose fingerprint or tokenizer cha
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import shutil
@@ -101,6 +102,8 @@ def write_store(
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a token store; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # of a writer killed before
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         dtype = token_dtype(vocab_size)

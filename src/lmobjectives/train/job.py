@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lmobjectives.checkpoint import clean_leftovers
 from lmobjectives.config import RunConfig
@@ -18,6 +21,7 @@ from lmobjectives.train.distributed import (World, barrier, broadcast_object, ev
                                             open_in_turn, parallelize)
 from lmobjectives.train.loop import Stop, Trainer
 from lmobjectives.rundir import config_hash, load_run_config
+from lmobjectives.runlock import LOCK_NAME, RunLock
 from lmobjectives.runtime import seed_everything
 from lmobjectives.train.setup import Run, default_run_dir, open_run, write_config_first, write_run_files
 from lmobjectives.train.trackers import Trackers, check_installed, open_trackers
@@ -69,13 +73,63 @@ def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None, overw
 
 
 def _prepare_out(run_dir: Path, overwrite: bool) -> None:
+    """Refuse or empty ``--out`` (its writer lock, held by this process, stays)."""
     if (run_dir / "run.json").exists() or (run_dir / "config.yaml").exists():
         if not overwrite:
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                             "--overwrite to replace it, or another --out")
-        shutil.rmtree(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        for p in run_dir.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    elif run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not overwrite:
         raise UserError(f"{run_dir} exists and is not empty; choose another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def _writer_lock(run_dir: Path, lead: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """Rank 0 holds ``RUN/writer.lock`` (``runlock.py``) for the whole job."""
+    if not lead:
+        yield
+        return
+    try:
+        lock = RunLock(run_dir, warn=say)
+        lock.acquire()
+    except OSError as exc:  # forbidden, read-only, under a file: the user's to fix
+        raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class SetupStopped(BaseException):
+    """A SIGTERM arrived while the run was being set up. A BaseException, so that no
+    ``except Exception`` on the way (a reader's bad-input policy) mistakes it for bad data."""
+
+
+@contextlib.contextmanager
+def _stop_setup_on_sigterm(trainer: list[Trainer]) -> Iterator[None]:
+    """During setup a SIGTERM raises ``SetupStopped`` where the process is: every setup
+    product (config, tokenizer, store) is written under a temporary name and renamed, so
+    unwinding from anywhere leaves complete files or leftovers the next start removes. Once
+    ``trainer`` holds the trainer, a SIGTERM only sets its stop flag (``fit`` installs the
+    same behaviour; this covers the moments between)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:  # noqa: ANN001
+        if trainer:
+            trainer[0].stop_requested = True
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the unwinding
+        raise SetupStopped()
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -101,8 +155,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
 
 def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite: bool, force: bool,
            allow_reshard: bool, progress: bool, say: Callable[[str], None]) -> TrainResult:
-    lead = world.rank == 0
-    if lead:
+    if world.rank == 0:
         check_installed(cfg.log.backends)  # before any data is prepared
     if resume is not None:
         run_dir = Path(resume)
@@ -110,6 +163,34 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
         run_dir = broadcast_object(Path(cfg.out) if cfg.out else default_run_dir(cfg))
     if cfg.out is None or Path(cfg.out) != run_dir:
         cfg = cfg.model_copy(update={"out": str(run_dir)})
+    with _writer_lock(run_dir, world.rank == 0, say):
+        started_trainer: list[Trainer] = []
+        try:
+            with _stop_setup_on_sigterm(started_trainer):
+                trainer, started = _set_up(cfg, world, run_dir, resume=resume, overwrite=overwrite,
+                                           force=force, allow_reshard=allow_reshard,
+                                           progress=progress, say=say)
+                started_trainer.append(trainer)  # from here a SIGTERM only sets its stop flag
+                trackers = _open_trackers(trainer, run_dir, resumed=resume is not None, say=say)
+                try:
+                    return _fit(trainer, run_dir, started, trackers, say)
+                finally:
+                    trackers.close()
+        except SetupStopped:
+            if (run_dir / "config.yaml").is_file():
+                say(f"stopped by signal during setup; nothing half-written. "
+                    f"Continue with: lmobj train --resume {run_dir}")
+            else:
+                say("stopped by signal before the run directory was written")
+            return TrainResult(run_dir=run_dir, started="stopped during setup", final={}, eval={},
+                               stopped=True)
+
+
+def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path | None,
+            overwrite: bool, force: bool, allow_reshard: bool, progress: bool,
+            say: Callable[[str], None]) -> tuple[Trainer, str]:
+    """Open (or reopen) the run and its trainer; returns (trainer, how it started)."""
+    lead = world.rank == 0
     if resume is None and lead:
         _prepare_out(run_dir, overwrite)
         write_config_first(cfg, run_dir)
@@ -136,23 +217,26 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
     procs = (f", {world.world_size} processes ({cfg.distributed.strategy})" if world.distributed else "")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
         f"({n_params / 1e6:.1f} M parameters), {cfg.train.steps} steps{procs}")
+    return trainer, started
+
+
+def _open_trackers(trainer: Trainer, run_dir: Path, *, resumed: bool,
+                   say: Callable[[str], None]) -> Trackers:
+    """The experiment trackers of ``log.backends`` (rank 0 only), fed every logged record."""
+    run = trainer.run
     trackers = Trackers()
-    if lead and run.cfg.log.backends:
+    if run.rank == 0 and run.cfg.log.backends:
         trackers = open_trackers(run.cfg.log.backends, run_dir, run.cfg.model_dump(mode="json"),
-                                 resume_at=(trainer.step, trainer.tokens) if resume is not None else None,
+                                 resume_at=(trainer.step, trainer.tokens) if resumed else None,
                                  wandb_project=run.cfg.log.wandb_project,
                                  warn=lambda m: say(f"warning: {m}"))
     trainer.on_log = trackers.log
-    try:
-        return _fit(run, trainer, run_dir, started, trackers, say)
-    finally:
-        trackers.close()
+    return trackers
 
 
-def _fit(run: Run, trainer: Trainer, run_dir: Path, started: str, trackers: Trackers,
+def _fit(trainer: Trainer, run_dir: Path, started: str, trackers: Trackers,
          say: Callable[[str], None]) -> TrainResult:
-    lead = run.rank == 0
-    stopped = False
+    run, lead, stopped = trainer.run, trainer.run.rank == 0, False
 
     def on_eval() -> None:
         if lead:

@@ -65,9 +65,10 @@ class StandardModule:
         chunked kernel scores plain, unweighted cross-entropy only."""
         labels = batch["labels"]
         weights = batch.get("loss_weights")
-        vocab = output_projection(self.model).out_features
-        chunks = resolve_chunks(self.loss_chunks, labels.numel(), vocab)
-        if chunks == 1 or weights is not None or self.suppressed:
+        plain = self.loss_chunks == 1 or weights is not None or bool(self.suppressed)
+        chunks = 1 if plain else resolve_chunks(self.loss_chunks, labels.numel(),
+                                                output_projection(self.model).out_features)
+        if chunks == 1:
             return token_nll_sum(self.logits(batch), labels, self.shift, weights=weights,
                                  suppressed=self.suppressed)
         device = labels.device

@@ -115,13 +115,13 @@ def code_line_colon(text: str) -> Labels:
     ok, lab = _empty(text)
     line: list[tuple[int, int]] = []
     last = ""
+    starts = _line_starts(text)
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type == tokenize.NEWLINE:  # the end of a logical line
             for a, b in line:
                 ok[a:b], lab[a:b] = True, int(last == ":")
             line, last = [], ""
         elif tok.type not in _SKIP:
-            starts = _line_starts(text)
             a = int(starts[tok.start[0] - 1]) + tok.start[1]
             b = int(starts[tok.end[0] - 1]) + tok.end[1]
             line.append((a, b))

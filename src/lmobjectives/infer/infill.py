@@ -234,6 +234,8 @@ def infill_left_to_right(model: torch.nn.Module, tokenizer: Any, specials: Speci
     alone (it never sees the suffix), under the same stop rules as ``infill_fim``."""
     budget = None if context_tokens is None else max(context_tokens - max_new_tokens, context_tokens // 2)
     prompt, _ = fit_context(encode_text(tokenizer, prefix), [], budget)
+    # Packed training rows put EOS before every document: it is the empty prefix's context.
+    prompt = prompt or [specials.eos]
     stop = MiddleStop(tokenizer, specials, suffix=suffix, single_line=single_line,
                       max_chars=max_chars)
     model = getattr(model, "lm", model)  # an MTP model: its plain next-token LM

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from lmobjectives.report.comparison_claims import (BIDIRECTIONAL, BPB_MARGIN, INCONCLUSIVE,
                                                    PROBE_MARGIN, SUPPORTED, Claim, combine, diff,
-                                                   fmt_diff, missing, more_seeds, role, samples,
+                                                   fmt_diff, missing, more_seeds, players, role,
+                                                   samples,
                                                    sign, values, within)
-from lmobjectives.report.comparison_rows import Row, fmt
+from lmobjectives.report.comparison_rows import Row, fmt, show
+from lmobjectives.report.stats import interval
 
 # Claim 1's expected shares: BERT §3.1 selects 15% of tokens; T5 §3.1.4 corrupts 15% in spans
 # of mean length 3, so targets (sentinels + spans) are a fraction of the inputs.
@@ -73,16 +75,10 @@ def claim_bidirectional(rows: list[Row]) -> Claim:
         pairs += [(samples(r, "probe_right"), samples(clm, "probe_right"), 0.0),
                   (samples(r, "probe_left"), samples(clm, "probe_left"), PROBE_MARGIN)]
     numbers.append("per run: " + "; ".join(
-        f"{values(r, 'probe_right')} right, {show_left(r)} left" for r in [clm, *bidi]))
+        f"{values(r, 'probe_right')} right, {show(r, 'probe_left', 3)} left" for r in [clm, *bidi]))
     verdict = combine(parts)
     return Claim(title, how, numbers, verdict,
                  more_seeds(pairs, _seeds(rows)) if verdict == INCONCLUSIVE else "")
-
-
-def show_left(r: Row) -> str:
-    from lmobjectives.report.comparison_rows import show
-
-    return show(r, "probe_left", 3)
 
 
 def claim_fim(rows: list[Row]) -> Claim:
@@ -114,8 +110,6 @@ def claim_mtp(rows: list[Row]) -> Claim:
     clm, mtp = role(rows, "CLM"), role(rows, "MTP")
     if mtp is None:
         return missing(title, how, "an MTP run")
-    from lmobjectives.report.stats import interval
-
     speed = samples(mtp, "speculative_speedup")
     iv = interval(speed) if speed else None
     seeds = mtp.seeds or [mtp]
@@ -151,7 +145,10 @@ def claim_ul2(rows: list[Row]) -> Claim:
     title = "UL2's mixture gives a model competitive at both generation (bits/byte) and understanding (probes)"
     how = (f"'competitive' = within {BPB_MARGIN:.0%} of CLM's held-out bits/byte (relative) and "
            f"within {PROBE_MARGIN} of the best other bidirectional run's right-context probe")
-    ul2, clm = role(rows, "UL2"), role(rows, "CLM")
+    # A UL2 run on a decoder (ul2@prefix_lm) scores text left to right: prefer it.
+    ul2s = players(rows, "UL2")
+    ul2 = next((r for r in ul2s if r.values.get("bits_per_byte") is not None), ul2s[0] if ul2s else None)
+    clm = role(rows, "CLM")
     if ul2 is None:
         return missing(title, how, "a UL2 run")
     others = [r for r in rows if r.architecture in BIDIRECTIONAL and r is not ul2

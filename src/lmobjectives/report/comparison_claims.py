@@ -61,9 +61,14 @@ ROLES: dict[str, Callable[[Row, Any], bool]] = {
 }
 
 
+def players(rows: list[Row], name: str) -> list[Row]:
+    """The rows playing ``name`` (``ROLES``), in report order."""
+    return [r for r in rows if _caps(r) is not None and ROLES[name](r, _caps(r))]
+
+
 def role(rows: list[Row], name: str) -> Row | None:
-    """The first row playing ``name`` (``ROLES``), or None."""
-    return next((r for r in rows if _caps(r) is not None and ROLES[name](r, _caps(r))), None)
+    """The first row playing ``name``, or None."""
+    return next(iter(players(rows, name)), None)
 
 
 # ----------------------------------------------------------------------------- numbers

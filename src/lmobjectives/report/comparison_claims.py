@@ -131,7 +131,8 @@ def more_seeds(pairs: list[tuple[list[float], list[float], float]], now: int) ->
     need = [n for a, b, m in pairs if (n := seeds_needed(a, b, m)) is not None]
     if not need:
         return "more seeds or a longer budget (no spread between seeds to extrapolate from)"
-    return (f"about {max(need)} seeds per objective at this token budget (now {now}), or a longer "
+    # The normal approximation ignores how wide t is at few seeds: never fewer than now + 1.
+    return (f"about {max(max(need), now + 1)} seeds per objective at this token budget (now {now}), or a longer "
             "budget that widens the gap")
 
 

@@ -93,18 +93,19 @@ def compare(
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch."),
     seq_len: Optional[int] = typer.Option(None, help="Sequence length."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (the same for every run)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of weights, data order and objectives."),
+    seed: Optional[int] = typer.Option(None, help="First seed of weights, data order and objectives."),
+    seeds: int = typer.Option(3, help="Runs per objective (seeds SEED, SEED+1, ...); the report gives mean ± 95% interval."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="A shared config key: --set train.warmup_fraction=0.1."),
     out: str = typer.Option("runs/compare", help="Directory for the runs and the report."),
     overwrite: bool = typer.Option(False, help="Retrain runs whose config differs from this one."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train one model per objective under an equal token budget and write a report."""
+    """Train SEEDS models per objective under an equal token budget and write a report."""
     from lmobjectives.compare import compare as run_compare
 
     res = run_compare(objectives.split(","), corpus=corpus or None, store=data, tokenizer=tokenizer,
                       preset=preset, steps=steps, tokens=tokens, batch_size=batch_size,
-                      seq_len=seq_len, lr=lr, seed=seed, sets=set_ or [], out=out,
+                      seq_len=seq_len, lr=lr, seed=seed, seeds=seeds, sets=set_ or [], out=out,
                       overwrite=overwrite, progress=not json_out,
                       command="lmobj " + " ".join(sys.argv[1:]))
     summary = {"out": str(res.out), "runs": res.runs, "skipped": res.skipped,

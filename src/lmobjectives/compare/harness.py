@@ -37,7 +37,7 @@ import yaml
 from lmobjectives.checkpoint import list_checkpoints
 from lmobjectives.compare.measure import (METRICS, Bench, Subject, measure, measure_key,
                                           read_measure, write_measure)
-from lmobjectives.compare.probe import build_probe_data
+from lmobjectives.compare.token_probe import build_token_probe
 from lmobjectives.config import RunConfig, apply_set, build_config
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import OBJECTIVES, build_objective, objective_class
@@ -45,8 +45,10 @@ from lmobjectives.objectives import OBJECTIVES, build_objective, objective_class
 # Every registered objective, in registry order: a newly added objective is compared too.
 DEFAULT_OBJECTIVES = tuple(OBJECTIVES)
 DEFAULT_OUT = "runs/compare"
+# Three seeds give a first interval (t(0.975, 2) = 4.30); fewer where the budget is tight.
+DEFAULT_SEEDS = 3
 # A store compare prepares itself holds out 10% of the documents (not the 1% of a training
-# store) so the probe has a few dozen unseen documents per source.
+# store) so the token probes have a few dozen unseen documents of each kind.
 COMPARE_VAL_FRACTION = 0.1
 
 
@@ -149,21 +151,29 @@ def _shared_store(out: Path, tree: dict[str, Any], corpus: list[str] | None, sto
     return str(store_dir)
 
 
+def run_seeds(base: int, n: int) -> list[int]:
+    """The seeds of ``n`` repeats: ``base``, ``base + 1``, ..."""
+    return [base + i for i in range(n)]
+
+
 def plan_runs(entries: list[Entry], tree: dict[str, Any], budget: int, tokenizer: Any,
-              specials: Any, out: Path) -> list[tuple[Entry, RunConfig, int]]:
-    """(entry, config, row_length) per run, with steps set for an equal token budget."""
+              specials: Any, out: Path, seeds: Sequence[int]) -> list[tuple[Entry, RunConfig, int]]:
+    """(entry, config, row_length) per run and seed, with steps set for an equal token
+    budget; a seed sets model initialisation, data order and objective randomness."""
     plans = []
     for e in entries:
-        t = copy.deepcopy(tree)
-        t.update({"objective": e.objective, "out": str(out / "runs" / e.key)})
-        if e.architecture is not None:
-            t["architecture"] = e.architecture
-        cfg = build_config(t)
-        objective = build_objective(e.objective, {}, specials, tokenizer=tokenizer)
-        row = objective.row_length(cfg.data.seq_len)
-        per_step = cfg.train.batch_size * cfg.train.grad_accum * row
-        steps = max(1, round(budget / per_step))
-        plans.append((e, cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})}), row))
+        for seed in seeds:
+            t = copy.deepcopy(tree)
+            t["train"] = {**t["train"], "seed": seed}
+            t.update({"objective": e.objective, "out": str(out / "runs" / e.key / f"seed-{seed}")})
+            if e.architecture is not None:
+                t["architecture"] = e.architecture
+            cfg = build_config(t)
+            objective = build_objective(e.objective, {}, specials, tokenizer=tokenizer)
+            row = objective.row_length(cfg.data.seq_len)
+            per_step = cfg.train.batch_size * cfg.train.grad_accum * row
+            steps = max(1, round(budget / per_step))
+            plans.append((e, cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})}), row))
     return plans
 
 
@@ -216,8 +226,8 @@ def make_bench(store_path: str, tokenizer: Any, specials: Any, cfg: RunConfig, d
                         "--val-fraction above 0 (compare needs held-out text)")
     src = PackedSource(table, cfg.data.seq_len, seed=0, pad=specials.pad, shuffle=False)
     rows = val_batches(src, cfg.train.batch_size, cfg.train.eval_batches)
-    probe = build_probe_data(store, tokenizer, cfg.data.seq_len, specials.pad,
-                             encoding=cfg.data.encoding, text_field=cfg.data.text_field)
+    probe = build_token_probe(store, tokenizer, cfg.data.seq_len, specials.pad,
+                              encoding=cfg.data.encoding, text_field=cfg.data.text_field)
     return Bench(rows=rows, byte_lengths=token_byte_lengths(tokenizer), probe=probe, device=device,
                  table=table, pad=specials.pad, batch_size=cfg.train.batch_size,
                  seq_len=cfg.data.seq_len)
@@ -243,7 +253,7 @@ def measure_run(entry: Entry, cfg: RunConfig, bench: Bench, say: Callable[[str],
                       tokenizer=loaded.tokenizer, eval=ev, seed=cfg.train.seed,
                       transform=build_objective(cfg.objective, dict(cfg.objective_params),
                                                 loaded.specials, tokenizer=loaded.tokenizer))
-    say(f"measuring {entry.label}")
+    say(f"measuring {entry.label} seed {cfg.train.seed}")
     values = measure(subject, bench)
     write_measure(run_dir, key, sum(p.numel() for p in model.parameters()), values)
 
@@ -284,8 +294,12 @@ def write_plan(out: Path, shared: RunConfig, budget: int, plans: list[tuple[Entr
         "store": shared.data.store,
         "data": _store_summary(shared.data.store),
         "budget_tokens": budget,
-        "runs": [{"label": e.label, "objective": e.objective, "run_dir": f"runs/{e.key}",
-                  "steps": cfg.train.steps, "row_length": row, "status": result.runs[e.label]}
+        "seeds": sorted({cfg.train.seed for _, cfg, _ in plans}),
+        # Equal corpus tokens read is the only budget rule this harness has.
+        "budget_rule": "tokens",
+        "runs": [{"label": e.label, "objective": e.objective, "seed": cfg.train.seed,
+                  "run_dir": f"runs/{e.key}/seed-{cfg.train.seed}", "steps": cfg.train.steps,
+                  "row_length": row, "status": result.runs[_run_label(e, cfg)]}
                  for e, cfg, row in plans],
         "skipped": result.skipped,
         "probe": bench.probe if isinstance(bench.probe, str) else bench.probe.describe(),
@@ -293,10 +307,16 @@ def write_plan(out: Path, shared: RunConfig, budget: int, plans: list[tuple[Entr
     })
 
 
+def _run_label(e: Entry, cfg: RunConfig) -> str:
+    return f"{e.label} seed {cfg.train.seed}"
+
+
 def _check_sources_and_budget(corpus: Sequence[str] | None, store: str | None,
-                              steps: int | None, tokens: int | None) -> None:
+                              steps: int | None, tokens: int | None, seeds: int) -> None:
     if corpus and store:
         raise UserError("pass --corpus or --data, not both")
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
     if steps is not None and tokens is not None:
         raise UserError("pass --steps or --tokens, not both")
     if (steps is not None and steps < 1) or (tokens is not None and tokens < 1):
@@ -324,6 +344,7 @@ def compare(
     seq_len: int | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
+    seeds: int = DEFAULT_SEEDS,
     lr: float | None = None,
     sets: Sequence[str] = (),
     out: str | Path = DEFAULT_OUT,
@@ -332,11 +353,12 @@ def compare(
     command: str | None = None,
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> CompareResult:
-    """Train (or reuse) one run per objective under an equal token budget; write the report."""
+    """Train (or reuse) ``seeds`` runs per objective under an equal token budget; write the
+    report (every metric as mean ± 95% interval over the seeds)."""
     from lmobjectives.report.comparison import write_report
     from lmobjectives.runtime import select_device
 
-    _check_sources_and_budget(corpus, store, steps, tokens)
+    _check_sources_and_budget(corpus, store, steps, tokens, seeds)
     out = Path(out)
     result = CompareResult(out=out)
     entries = registered(parse_objectives(objectives), result.skipped, say)
@@ -350,12 +372,13 @@ def compare(
     t = shared.train
     budget = tokens if tokens is not None else \
         (steps or t.steps) * t.batch_size * t.grad_accum * shared.data.seq_len
-    plans = plan_runs(entries, tree, budget, tok, specials, out)
+    plans = plan_runs(entries, tree, budget, tok, specials, out, run_seeds(t.seed, seeds))
 
     for e, cfg, row in plans:
-        say(f"{e.label}: {cfg.train.steps} steps of {cfg.train.batch_size * cfg.train.grad_accum} "
+        label = _run_label(e, cfg)
+        say(f"{label}: {cfg.train.steps} steps of {cfg.train.batch_size * cfg.train.grad_accum} "
             f"rows x {row} tokens")
-        result.runs[e.label] = train_or_reuse(cfg, overwrite=overwrite, progress=progress, say=say)
+        result.runs[label] = train_or_reuse(cfg, overwrite=overwrite, progress=progress, say=say)
 
     bench = make_bench(shared.data.store, tok, specials, shared, select_device())
     for e, cfg, _ in plans:

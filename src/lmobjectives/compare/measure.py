@@ -29,21 +29,26 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from lmobjectives.compare.probe import ProbeData, pooled_states, probe_accuracy
 from lmobjectives.evaluate.diffusion import FIXED_TIMES, elbo_bound, masked_accuracy_at
+from lmobjectives.compare.probe_labels import LEFT, RIGHT, TASKS
+from lmobjectives.compare.signal import DRAWS, signal_stats
+from lmobjectives.compare.token_probe import TokenProbeData, score_tasks, token_states
 from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
 from lmobjectives.objectives import Capabilities, capabilities, objectives_where
 from lmobjectives.objectives.base import Rows
 from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
-MEASURE_VERSION = 3
+MEASURE_VERSION = 4
+# Balanced accuracy of a majority-class guess on a two-class task.
+MAJORITY = 0.5
+FAMILY_TASKS = {f: {t.name for t in TASKS if t.family == f} for f in (LEFT, RIGHT)}
 THROUGHPUT_STEPS = 5
 INFILL_SAMPLES = 20
 SPECULATIVE_PROMPTS, SPECULATIVE_TOKENS = 4, 48
@@ -63,6 +68,7 @@ class Subject:
     eval: dict[str, Any]  # the run's eval.json
     transform: Any = None  # the run's Objective instance (for timing a training step)
     seed: int = 0  # the run's seed (weights at initialisation)
+    cache: dict[str, Any] = field(default_factory=dict)  # work shared by several metrics
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Bench:
 
     rows: list[Rows]  # validation rows of seq_len tokens
     byte_lengths: np.ndarray  # (V,) UTF-8 bytes per token id
-    probe: ProbeData | str  # the probe's data, or why there is no probe
+    probe: TokenProbeData | str  # the token probes' data, or why there are none
     device: torch.device
     table: Any = None  # the validation DocTable, for rows of another length
     pad: int = 1
@@ -149,8 +155,11 @@ def _fills_fim(caps: Capabilities) -> bool:
 
 
 def _infilling(s: Subject) -> str | None:
-    return None if _fills_fim(capabilities(s.objective)) else \
-        f"not an infilling objective (those are {', '.join(objectives_where(_fills_fim))})"
+    caps = capabilities(s.objective)
+    if _fills_fim(caps) or (caps.infill == "left_to_right" and s.architecture == "decoder"):
+        return None
+    return (f"neither a FIM model ({', '.join(objectives_where(_fills_fim))}) nor a plain "
+            "decoder (the left-to-right baseline)")
 
 
 def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
@@ -165,9 +174,13 @@ def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
         from lmobjectives.evaluate.diffusion import infill_exact_match as diffusion_exact_match
 
         out = diffusion_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len)
-        return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"]}
-    out = infill_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len)
-    return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"]}
+        return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"],
+                "prompt": "unmasking"}
+    mode = "psm" if _fills_fim(capabilities(s.objective)) else "left_to_right"
+    out = infill_exact_match(loaded, docs, INFILL_SAMPLES, seed=0, context_tokens=bench.seq_len,
+                             mode=mode)
+    return {"value": out["exact_match"], "samples": out["samples"], "hits": out["hits"],
+            "prompt": mode}
 
 
 def _speculative_speedup(s: Subject, bench: Bench) -> dict[str, Any]:
@@ -183,6 +196,8 @@ def _speculative_speedup(s: Subject, bench: Bench) -> dict[str, Any]:
     prompts = [p for p in prompts if p]
     plain = spec = 0.0
     same = True
+    accepted: dict[str, list[float]] = {}
+    per_forward = []
     for p in prompts:
         t = time.perf_counter()
         a = generate(s.model, p, max_new_tokens=SPECULATIVE_TOKENS)
@@ -191,7 +206,12 @@ def _speculative_speedup(s: Subject, bench: Bench) -> dict[str, Any]:
         b = speculative_generate(s.model, p, max_new_tokens=SPECULATIVE_TOKENS)
         spec += time.perf_counter() - t
         same &= a.tokens == b.tokens
+        per_forward.append(b.extras.get("tokens_per_forward", 0.0))
+        for head, rate in b.extras.get("acceptance", {}).items():
+            accepted.setdefault(head, []).append(rate)
     return {"value": plain / spec if spec else None, "identical_output": same,
+            "acceptance": {h: float(np.mean(v)) for h, v in accepted.items()},
+            "tokens_per_forward": float(np.mean(per_forward)) if per_forward else None,
             "prompts": len(prompts), "tokens": SPECULATIVE_TOKENS}
 
 
@@ -253,16 +273,33 @@ def untrained_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return fresh.to(next(model.parameters()).device)
 
 
-def _probe(s: Subject, bench: Bench) -> dict[str, Any]:
-    """Probe accuracy of the trained model, and of the same architecture untrained: mean
-    pooling of random features already separates sources by their token statistics, so
-    the difference is what training added."""
-    if isinstance(bench.probe, str):
-        return {"value": None, "reason": bench.probe}
-    res = probe_accuracy(pooled_states(s.model, s.architecture, bench.probe, bench.device), bench.probe)
-    fresh = untrained_copy(s.model, s.seed)
-    init = probe_accuracy(pooled_states(fresh, s.architecture, bench.probe, bench.device), bench.probe)
-    return {"value": res.pop("accuracy"), "at_init": init["accuracy"], **res}
+def _token_probes(s: Subject, bench: Bench) -> dict[str, Any]:
+    """Both probe families, for the trained model and the same architecture untrained (its
+    starting point): the difference is what pre-training added."""
+    if "probes" not in s.cache:
+        data = bench.probe
+        assert isinstance(data, TokenProbeData)
+        trained = score_tasks(token_states(s.model, s.architecture, data, bench.device), data)
+        fresh = untrained_copy(s.model, s.seed)
+        init = score_tasks(token_states(fresh, s.architecture, data, bench.device), data)
+        s.cache["probes"] = (trained, init)
+    return s.cache["probes"]
+
+
+def _probe_family(family: str) -> Callable[[Subject, Bench], dict[str, Any]]:
+    def compute(s: Subject, bench: Bench) -> dict[str, Any]:
+        if isinstance(bench.probe, str):
+            return {"value": None, "reason": bench.probe}
+        trained, init = _token_probes(s, bench)
+        tasks = {n: v for n, v in trained["tasks"].items() if n in FAMILY_TASKS[family]}
+        return {"value": trained[family], "at_init": init[family], "baseline": MAJORITY,
+                "tasks": tasks, "tasks_at_init": {n: init["tasks"][n] for n in tasks}}
+    return compute
+
+
+def _signal(s: Subject, bench: Bench) -> dict[str, Any]:
+    rows = bench.rows_of(s.transform.row_length(bench.seq_len))
+    return signal_stats(s.transform, rows, bench.pad, s.architecture)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -280,14 +317,23 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "accuracy on the masked positions of held-out rows",
            True, 3, _masked, _masked_accuracy),
     Metric("infill_exact_match", "infill exact match",
-           "FIM-trained decoders only: share of held-out single lines reproduced exactly",
+           "FIM decoders (FIM prompt) and plain decoders (the prefix alone, their baseline): "
+           "share of held-out single lines reproduced exactly",
            True, 3, _infilling, _infill_exact_match),
     Metric("speculative_speedup", "speculative speedup",
            "models with draft heads only: decoding speed with self-speculation over plain "
            "greedy decoding, same outputs", True, 2, _drafting, _speculative_speedup),
-    Metric("probe_accuracy", "probe accuracy",
-           "every model: linear probe on frozen mean-pooled hidden states, same held-out "
-           "windows, same split", True, 3, _always, _probe),
+    Metric("signal", "signal per token",
+           "every run: scored target tokens / real corpus tokens, the run's objective applied "
+           f"{DRAWS} times to the same held-out rows", True, 3, _always, _signal),
+    Metric("probe_left", "left-context probes",
+           "every model: balanced accuracy of linear probes on frozen per-token hidden states, "
+           "tasks decided by the text before a token; held-out documents", True, 3, _always,
+           _probe_family(LEFT)),
+    Metric("probe_right", "right-context probes",
+           "every model: balanced accuracy of linear probes on frozen per-token hidden states, "
+           "tasks decided by the text after a token; held-out documents", True, 3, _always,
+           _probe_family(RIGHT)),
 )}
 
 

@@ -70,8 +70,10 @@ def infill_exact_match(loaded: Any, documents: list[str], n: int = DEFAULT_SAMPL
                        seed: int = 0, *, max_line_chars: int = MAX_LINE_CHARS,
                        mode: str = "psm", context_tokens: int | None = None) -> dict[str, Any]:
     """Share of ``n`` single-line tasks from ``documents`` that ``loaded`` (a decoder,
-    ``infer.load.Loaded``) fills exactly, greedy. ``context_tokens``: the trained length."""
-    from lmobjectives.infer.infill import infill_fim
+    ``infer.load.Loaded``) fills exactly, greedy. ``context_tokens``: the trained length.
+    ``mode`` "psm"/"spm" prompts with FIM sentinels; "left_to_right" continues the prefix
+    alone (the baseline of a model trained without FIM)."""
+    from lmobjectives.infer.infill import infill_fim, infill_left_to_right
 
     tasks = line_tasks(documents, n, seed, max_line_chars)
     hits = 0
@@ -79,10 +81,16 @@ def infill_exact_match(loaded: Any, documents: list[str], n: int = DEFAULT_SAMPL
         # Every text token carries at least one byte: a right answer needs at most one token
         # per byte of the line, plus its EOS or newline.
         budget = len(task.middle.encode("utf-8")) + 1
-        got = infill_fim(loaded.model, loaded.tokenizer, loaded.specials, task.prefix,
-                         task.suffix, mode=mode, max_new_tokens=budget,
-                         single_line=True, max_chars=len(task.middle),
-                         context_tokens=context_tokens)
+        if mode == "left_to_right":
+            got = infill_left_to_right(loaded.model, loaded.tokenizer, loaded.specials,
+                                       task.prefix, task.suffix, max_new_tokens=budget,
+                                       single_line=True, max_chars=len(task.middle),
+                                       context_tokens=context_tokens)
+        else:
+            got = infill_fim(loaded.model, loaded.tokenizer, loaded.specials, task.prefix,
+                             task.suffix, mode=mode, max_new_tokens=budget,
+                             single_line=True, max_chars=len(task.middle),
+                             context_tokens=context_tokens)
         hits += got.middle == task.middle
     return {"exact_match": hits / len(tasks) if tasks else None, "samples": len(tasks),
             "hits": hits}

@@ -226,6 +226,32 @@ def infill_fim(model: torch.nn.Module, tokenizer: Any, specials: SpecialIds, pre
                   forward_passes=g.forward_passes)
 
 
+def infill_left_to_right(model: torch.nn.Module, tokenizer: Any, specials: SpecialIds,
+                         prefix: str, suffix: str, *, max_new_tokens: int = 64,
+                         single_line: bool = False, max_chars: int | None = None,
+                         context_tokens: int | None = None) -> Infill:
+    """The baseline for a model without an infilling form: greedy continuation of ``prefix``
+    alone (it never sees the suffix), under the same stop rules as ``infill_fim``."""
+    budget = None if context_tokens is None else max(context_tokens - max_new_tokens, context_tokens // 2)
+    prompt, _ = fit_context(encode_text(tokenizer, prefix), [], budget)
+    # Packed training rows put EOS before every document: it is the empty prefix's context.
+    prompt = prompt or [specials.eos]
+    stop = MiddleStop(tokenizer, specials, suffix=suffix, single_line=single_line,
+                      max_chars=max_chars)
+    model = getattr(model, "lm", model)  # an MTP model: its plain next-token LM
+    was_training = model.training
+    model.eval()
+    try:
+        start, step = causal_rungs(model, prompt)
+        g = decode_until(start, step, stop, max_new_tokens=max_new_tokens)
+    finally:
+        model.train(was_training)
+    middle = stop.middle(g.tokens)
+    return Infill(middle=middle, text=prefix + middle + suffix, tokens=g.tokens,
+                  prompt_tokens=len(prompt), stopped_by=g.stopped_by,
+                  forward_passes=g.forward_passes)
+
+
 # ------------------------------------------------------------------------------ sentinels
 def sentinel_count(text: str) -> int:
     """Number of sentinels in ``text``; they must be ``<extra_id_0>``, ``<extra_id_1>``, ...

@@ -1,15 +1,18 @@
 """The sections of the ``lmobj compare`` report as a small block document (``Doc``), which
 ``comparison_render`` turns into Markdown and HTML. One function per section, in the order
-they appear: header and budget, the ranked comparison, own-objective losses, the
-representation probe, what each objective is good for, plots, notes."""
+they appear: header and budget, the ranked comparison, own-objective losses, the token
+probes, the claims, what each objective is good for, plots, notes. Every number is a mean
+over the seeds with its 95% interval (``report.stats``) where there are two seeds or more."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmobjectives.report.comparison_claim_checks import check_claims
+from lmobjectives.report.stats import interval
 from lmobjectives.report.comparison_rows import (CURVE_POINTS, OWN_COLUMNS, Column, Row, fmt,
-                                                 paragraph, winners)
+                                                 paragraph, show, winners)
 
 
 @dataclass
@@ -24,10 +27,12 @@ class Doc:
             self.notes.append(reason)
         return self.notes.index(reason) + 1
 
-    def cell(self, value: float | None, digits: int, reason: str | None, bound: bool = False) -> str:
+    def cell(self, value: float | None, digits: int, reason: str | None,
+             half: float | None = None, bound: bool = False) -> str:
         if value is None:
             return f"n/a [{self.note(reason or 'not measured')}]"
-        return ("≤ " if bound else "") + fmt(value, digits)
+        text = ("≤ " if bound else "") + fmt(value, digits)  # a bound: a masked diffusion ELBO
+        return text if half is None else f"{text} ± {fmt(half, digits)}"
 
     def add(self, *block: Any) -> None:
         self.blocks.append(tuple(block))
@@ -39,6 +44,7 @@ def build_doc(plan: dict[str, Any], rows: list[Row], columns: list[Column]) -> D
     _measured(doc, rows, columns)
     _own_losses(doc, rows)
     _probe(doc, plan.get("probe"), rows)
+    _claims(doc, rows)
     _good_for(doc, rows, columns)
     _plots(doc)
     if doc.notes:
@@ -64,11 +70,17 @@ def _header(doc: Doc, plan: dict[str, Any], rows: list[Row]) -> None:
         doc.add("code", plan["command"])
     row_lengths = sorted({r.row_length for r in rows} - {plan["seq_len"]})
     longer = [r.label for r in rows if r.row_length != plan["seq_len"]]
-    budget = (f"Every run reads {plan['budget_tokens']:,} corpus tokens from the same store "
+    seeds = plan.get("seeds") or [plan["seed"]]
+    budget = (f"Budget rule: equal corpus tokens read. Every run reads {plan['budget_tokens']:,} corpus tokens from the same store "
               f"({_data_source(plan)}), preset `{plan['preset']}` for each model family, seq_len "
               f"{plan['seq_len']}, {plan['batch_size'] * plan['grad_accum']} rows per step, peak "
-              f"lr {plan['lr']:g}, seed {plan['seed']}. Tokens are counted as the packed rows the "
-              "loader serves (`tokens` in each run's metrics.jsonl, padding at epoch ends included).")
+              f"lr {plan['lr']:g}. Every objective runs once per seed ({len(seeds)} seeds: "
+              f"{', '.join(map(str, seeds))}); a seed sets model initialisation, data order and "
+              "objective randomness. Every number below is the mean over the seeds ± the half-width "
+              "of its 95% Student-t interval; two runs differ *measurably* when Welch's 95% interval "
+              "for the difference of their means excludes 0, and otherwise the report says \"no "
+              "measurable difference\". Tokens are counted as the packed rows the loader serves "
+              "(`tokens` in each run's metrics.jsonl, padding at epoch ends included).")
     if longer:
         one = len(longer) == 1
         budget += (f" {', '.join(longer)} {'reads' if one else 'read'} longer rows "
@@ -89,7 +101,8 @@ def _measured(doc: Doc, rows: list[Row], columns: list[Column]) -> None:
         body.append([r.label, r.architecture.replace("_", "-"),
                      f"{r.parameters / 1e6:.2f} M" if r.parameters else "?", str(r.steps),
                      f"{r.tokens:,}", *[doc.cell(r.values.get(c.name), c.digits, r.reasons.get(c.name),
-                                                   bool(r.extras.get(c.name, {}).get("bound")))
+                                                 r.half(c.name),
+                                                 bool(r.extras.get(c.name, {}).get("bound")))
                                          for c in ranked]])
     doc.add("table", head, body)
     doc.add("p", "What each column compares:")
@@ -104,41 +117,61 @@ def _own_losses(doc: Doc, rows: list[Row]) -> None:
                  "(span corruption, UL2) — so a lower number in one row does not mean a better model "
                  "than another row. Read each row against its own curve.")
     own_head = ["objective", "signal fraction", *[c.label for c in OWN_COLUMNS]]
-    own_body = [[r.label, fmt(r.values.get("signal_fraction"), 3),
-                 *[doc.cell(r.values.get(c.name), c.digits, "no evaluation in eval.json")
+    own_body = [[r.label, show(r, "signal_fraction", 3),
+                 *[doc.cell(r.values.get(c.name), c.digits, "no evaluation in eval.json", r.half(c.name))
                    for c in OWN_COLUMNS]] for r in rows]
     doc.add("table", own_head, own_body)
     doc.add("ul", [f"**{c.label}** — {c.compares}" for c in OWN_COLUMNS])
 
 
 def _probe(doc: Doc, probe: Any, rows: list[Row]) -> None:
-    doc.add("h2", "Representation probe")
-    if not isinstance(probe, dict):
-        doc.add("p", f"No probe: {probe}.")
+    doc.add("h2", "Token probes: left and right context")
+    if not isinstance(probe, dict) or probe.get("kind") != "token":
+        doc.add("p", f"No token probes: {probe}.")
         return
-    docs = ", ".join(f"{k}: {v}" for k, v in probe["documents"].items())
-    baselines = {round(r.extras.get("probe_accuracy", {}).get("baseline", -1), 6) for r in rows} - {-1}
-    base = f" The majority-class baseline is {fmt(next(iter(baselines)), 3)}." if len(baselines) == 1 else ""
-    doc.add("p", f"Task: {probe['task']}. Held-out documents used per class (the same number for each) — {docs}; "
-                 f"{probe['train_windows']} training and {probe['test_windows']} test windows of up "
-                 f"to {probe['window_tokens']} tokens, train and test from different documents. A "
-                 "logistic regression reads each model's frozen, mean-pooled last hidden states "
-                 "(an encoder-decoder's encoder)." + base)
-    probe_rows = []
+    docs = ", ".join(f"{v} {k}" for k, v in probe["documents"].items())
+    doc.add("p", "A linear classifier (class-weighted logistic regression) reads each model's frozen "
+                 "last hidden state at one token (an encoder-decoder's encoder; a prefix LM with the "
+                 "whole window as its prefix) and predicts a fact about the raw text computed offline "
+                 "(Python's `tokenize` for code). *Left-context* facts are decided by the text before "
+                 "the token, *right-context* facts by the text after it: a causal model at a token "
+                 "has seen only the first. Score: balanced accuracy (mean recall over the two "
+                 "classes; a majority-class guess scores 0.500) on test documents that no probe saw "
+                 f"in training. Held-out documents: {docs}; windows of up to "
+                 f"{probe['window_tokens']} tokens.")
+    tasks = probe["tasks"]
+    doc.add("table", ["task", "family", "documents", "is label 1 when", "train / test tokens", "label-1 share"],
+            [[name, t["family"], t["kind"], t["says"],
+              "skipped: " + t["skipped"] if "skipped" in t else f"{t['train_tokens']} / {t['test_tokens']}",
+              fmt(t.get("positive_share"), 3)] for name, t in tasks.items()])
+    body = []
     for r in rows:
-        got = r.values.get("probe_accuracy")
-        init = r.extras.get("probe_accuracy", {}).get("at_init")
-        gain = None if got is None or init is None else got - init
-        probe_rows.append([r.label, fmt(got, 3), fmt(init, 3),
-                           "n/a" if gain is None else f"{gain:+.3f}"])
-    doc.add("table", ["objective", "probe accuracy", "same architecture, untrained", "gain from training"],
-            probe_rows)
-    n_test = probe["test_windows"]
-    se = 0.5 / n_test ** 0.5  # the largest binomial standard error, at accuracy 0.5
-    doc.add("p", "Mean pooling of even random features separates sources by their token "
-                 "statistics, so the untrained column is the reference: the gain is what "
-                 f"pre-training added. With {n_test} test windows one standard error of an "
-                 f"accuracy is up to {se:.3f}; smaller differences are noise.")
+        cells = [r.label]
+        for fam in ("probe_left", "probe_right"):
+            at_init = [s.extras.get(fam, {}).get("at_init") for s in (r.seeds or [r])]
+            at_init = [a for a in at_init if a is not None]
+            iv = interval(at_init) if at_init else None
+            cells += [doc.cell(r.values.get(fam), 3, r.reasons.get(fam), r.half(fam)),
+                      "n/a" if iv is None else fmt(iv.mean, 3) + ("" if iv.half is None else f" ± {fmt(iv.half, 3)}")]
+        body.append(cells)
+    doc.add("table", ["objective", "left-context", "left, untrained", "right-context", "right, untrained"], body)
+    doc.add("p", "The untrained column is the same architecture at its initial weights (the run's "
+                 "seed): what a probe reads from random features. Per-task scores are in each run's "
+                 "`measure.json`.")
+
+
+def _claims(doc: Doc, rows: list[Row]) -> None:
+    doc.add("h2", "Claims")
+    doc.add("p", "Each checkable claim of the objectives chapter's comparison table, the measurement "
+                 "that tests it, the numbers (mean ± 95% interval over seeds; differences as mean "
+                 "[95% Welch interval]) and a verdict: supported, not supported, or inconclusive at "
+                 "this budget with what would decide it.")
+    for i, c in enumerate(check_claims(rows), 1):
+        doc.add("p", f"**{i}. {c.title}.** Verdict: **{c.verdict}**.")
+        items = [f"Measurement: {c.measurement}.", *c.numbers]
+        if c.decide:
+            items.append(f"What would decide it: {c.decide}.")
+        doc.add("ul", items)
 
 
 def _good_for(doc: Doc, rows: list[Row], columns: list[Column]) -> None:

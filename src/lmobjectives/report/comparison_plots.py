@@ -63,8 +63,9 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
     for ax, col in zip(axes.flat, shown):
         vals = [r.values.get(col.name) for r in rows]
         xs = range(len(rows))
+        errs = [r.half(col.name) or 0.0 for r, v in zip(rows, vals) if v is not None]  # 95% over seeds
         bars = ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None],
-                      color="#4c72b0")
+                      yerr=errs, capsize=3, color="#4c72b0")
         ax.bar_label(bars, labels=[value_text(r, col.name, col.digits) for r in rows
                                    if r.values.get(col.name) is not None], fontsize=7,
                      padding=2)
@@ -72,11 +73,11 @@ def plot_metric_bars(rows: list[Row], columns: list[Column], path: Path) -> Path
         for x, v in zip(xs, vals):
             if v is None:
                 ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=8, color="#888")
-        if col.name == "probe_accuracy":
+        if col.name in ("probe_left", "probe_right"):
             base = [r.extras.get(col.name, {}).get("baseline") for r in rows]
             base = [b for b in base if b is not None]
             if base:
-                ax.axhline(base[0], ls="--", color="#c44", lw=1, label="majority baseline")
+                ax.axhline(base[0], ls="--", color="#c44", lw=1, label="majority guess")
             init = [(x, r.extras.get(col.name, {}).get("at_init")) for x, r in zip(xs, rows)]
             init = [(x, v) for x, v in init if v is not None]
             if init:

@@ -11,12 +11,18 @@ own loss averages over the tokens *that objective* scores — every next token f
 masked positions for MLM, sentinels and spans for span corruption — so those losses are
 never ranked (``OWN_COLUMNS``).
 
-The paragraph per objective is generated from the ranks: for each ranked column with at
-least two values, the run is "best at" (rank 1), "worst at" (last) or in between; a
-column only it has is "only it measures". Worked example, bits/byte lower is better::
+Seeds. An objective runs once per seed; ``aggregate`` turns its runs into one row whose
+values are means over the seeds, with the per-seed values kept in ``samples`` (the 95%
+intervals and Welch tests of ``report.stats`` read them).
 
-    clm 1.91, prefix 2.05, fim 1.98  ->  clm: best at held-out bits/byte (1.910; 1st of 3)
-                                         prefix: worst at held-out bits/byte (2.050; 3rd of 3)
+The paragraph per objective is generated from the numbers: for each ranked column with at
+least two values, the row is "best at" it when no row is measurably better (Welch's test at
+5%, ``report.stats.welch``), "measurably behind" the best row otherwise; when no row
+differs measurably from any other the column reads "no measurable difference"; a column
+only it has is "the only run with". Worked example, bits/byte lower is better, 3 seeds::
+
+    clm 1.91 ± 0.02, prefix 2.05 ± 0.03  ->  clm: best at held-out bits/byte (1.910 ± 0.020)
+                                             prefix: measurably behind clm at held-out bits/byte
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from lmobjectives.report.stats import interval, welch
 from lmobjectives.report.plots import read_metrics
 
 FINAL_FRACTION = 0.1  # final train loss: mean over the last 10% of logged steps
@@ -71,6 +78,14 @@ class Row:
     reasons: dict[str, str] = field(default_factory=dict)
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     curve: tuple[list[int], list[float]] = ((), ())  # type: ignore[assignment]
+    seed: int | None = None
+    samples: dict[str, list[float]] = field(default_factory=dict)  # per-seed values
+    seeds: list["Row"] = field(default_factory=list)  # the per-seed rows of an aggregate
+
+    def half(self, name: str) -> float | None:
+        """Half-width of the 95% interval of ``name`` over the seeds (None with one seed)."""
+        xs = self.samples.get(name) or []
+        return interval(xs).half if len(xs) >= 2 else None
 
 
 # ------------------------------------------------------------------------------ reading
@@ -90,7 +105,7 @@ def run_row(out: Path, entry: dict[str, Any], metric_names: list[str]) -> Row:
               architecture=info.get("architecture") or cfg.get("architecture") or "?",
               parameters=meas.get("parameters"), steps=int(last.get("step", 0)),
               tokens=int(last.get("tokens", 0)), row_length=int(entry["row_length"]),
-              status=entry.get("status", ""))
+              status=entry.get("status", ""), seed=entry.get("seed"))
     if train:
         per_step = row.tokens / max(row.steps, 1)  # tokens read per step: a constant per run
         row.values["signal_fraction"] = statistics.fmean(r["targets"] for r in train) / per_step
@@ -119,8 +134,29 @@ def load_comparison(out: str | Path) -> tuple[dict[str, Any], list[Row], list[Co
         raise FileNotFoundError(f"{out}/compare.json is missing: run `lmobj compare` first")
     metrics = [Column(m["name"], m["label"], m["compares"], m["higher_is_better"], m["digits"])
                for m in plan["metrics"]]
-    rows = [run_row(out, e, [m.name for m in metrics]) for e in plan["runs"]]
-    return plan, rows, [*RUN_COLUMNS, *metrics]
+    runs = [run_row(out, e, [m.name for m in metrics]) for e in plan["runs"]]
+    return plan, aggregate(runs), [*RUN_COLUMNS, *metrics]
+
+
+def aggregate(runs: list[Row]) -> list[Row]:
+    """One row per label (in first-seen order): values are means over the seeds that have
+    one, ``samples`` the per-seed values, ``seeds`` the per-seed rows."""
+    out: list[Row] = []
+    for label in dict.fromkeys(r.label for r in runs):
+        group = [r for r in runs if r.label == label]
+        first = group[0]
+        row = Row(label=label, objective=first.objective, architecture=first.architecture,
+                  parameters=first.parameters, steps=first.steps, tokens=first.tokens,
+                  row_length=first.row_length, status=", ".join(sorted({r.status for r in group})),
+                  reasons=dict(first.reasons), extras=dict(first.extras), curve=first.curve,
+                  seeds=group)
+        for name in {n for r in group for n in r.values}:
+            xs = [r.values[name] for r in group if r.values.get(name) is not None]
+            row.values[name] = statistics.fmean(xs) if xs else None
+            if xs:
+                row.samples[name] = [float(x) for x in xs]
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------ numbers
@@ -155,58 +191,77 @@ def ranks(rows: list[Row], col: Column) -> dict[str, tuple[int, int, bool]]:
     return out
 
 
+def show(row: Row, name: str, digits: int) -> str:
+    """``mean ± half`` (the 95% interval over seeds), or the mean alone with one seed."""
+    h = row.half(name)
+    v = value_text(row, name, digits)
+    return v if h is None else f"{v} ± {fmt(h, digits)}"
+
+
+def measurably_better(a: Row, b: Row, col: Column) -> bool:
+    """``a`` beats ``b`` at ``col`` by Welch's test at 5% over their seeds."""
+    d = welch(a.samples.get(col.name, []), b.samples.get(col.name, [])) \
+        if len(a.samples.get(col.name, [])) >= 2 and len(b.samples.get(col.name, [])) >= 2 else None
+    if d is None or not d.significant:
+        return False
+    return d.diff > 0 if col.higher_is_better else d.diff < 0
+
+
+def _standing(row: Row, rows: list[Row], col: Column) -> tuple[str, str] | None:
+    """(kind, text) for one ranked column: kind "only", "none", "best" or "behind"."""
+    have = [r for r in rows if r.values.get(col.name) is not None]
+    if row not in have:
+        return None
+    v = show(row, col.name, col.digits)
+    if len(have) == 1:
+        return "only", f"{col.label} ({v})"
+    if not any(measurably_better(a, b, col) for a in have for b in have):
+        return "none", f"{col.label} ({v})"
+    ahead = [a for a in have if measurably_better(a, row, col)]
+    if not ahead:
+        return "best", f"{col.label} ({v}; {ordinal(ranks(rows, col)[row.label][0])} of {len(have)})"
+    top = max(ahead, key=lambda a: a.values[col.name] * (1 if col.higher_is_better else -1))
+    return "behind", f"{col.label} ({v}; behind {top.label})"
+
+
 def paragraph(row: Row, rows: list[Row], columns: list[Column]) -> str:
-    """One objective's standing, from the ranks of every ranked column."""
-    best, worst, middle, only = [], [], [], []
+    """One objective's standing, column by column, differences called only when measurable."""
+    parts: dict[str, list[str]] = {"best": [], "behind": [], "none": [], "only": []}
     for col in columns:
         if col.higher_is_better is None:
             continue
-        rk = ranks(rows, col).get(row.label)
-        if rk is None:
-            continue
-        rank, n, tied = rk
-        v = value_text(row, col.name, col.digits)
-        extra = ""
-        if col.name == "probe_accuracy":
-            ex = row.extras.get(col.name, {})
-            if ex.get("at_init") is not None:
-                extra += f", untrained {fmt(ex['at_init'], col.digits)}"
-            if ex.get("baseline") is not None:
-                extra += f", majority baseline {fmt(ex['baseline'], col.digits)}"
-        where = f"{col.label} ({v}{extra}; {'tied ' if tied else ''}{ordinal(rank)} of {n})"
-        if n == 1:
-            only.append(f"{col.label} ({v}{extra})")
-        elif rank == 1:
-            best.append(where)
-        elif rank == n:
-            worst.append(where)
-        else:
-            middle.append(where)
+        got = _standing(row, rows, col)
+        if got is not None:
+            parts[got[0]].append(got[1])
     params = f"{row.parameters / 1e6:.1f} M parameters, " if row.parameters else ""
-    parts = [f"**{row.label}** ({row.architecture.replace('_', '-')}, {params}{row.steps} steps):"]
+    n = len(row.seeds) or 1
+    head = f"**{row.label}** ({row.architecture.replace('_', '-')}, {params}{row.steps} steps, {n} seed{'s' * (n > 1)}):"
     clauses = []
-    if best:
-        clauses.append("best at " + ", ".join(best))
-    if worst:
-        clauses.append("worst at " + ", ".join(worst))
-    if middle:
-        clauses.append("in between at " + ", ".join(middle))
-    if only:
-        clauses.append("the only run with " + ", ".join(only))
-    parts.append("; ".join(clauses) + "." if clauses else "no comparable measurement.")
-    return " ".join(parts)
+    if parts["best"]:
+        clauses.append("best (no run measurably better) at " + ", ".join(parts["best"]))
+    if parts["behind"]:
+        clauses.append("measurably behind the best at " + ", ".join(parts["behind"]))
+    if parts["none"]:
+        clauses.append("no measurable difference between runs at " + ", ".join(parts["none"]))
+    if parts["only"]:
+        clauses.append("the only run with " + ", ".join(parts["only"]))
+    return f"{head} {'; '.join(clauses) + '.' if clauses else 'no comparable measurement.'}"
 
 
 def winners(rows: list[Row], columns: list[Column]) -> list[str]:
+    """Per ranked column: the rows no other row beats measurably (or "no measurable difference")."""
     out = []
     for col in columns:
         if col.higher_is_better is None:
             continue
-        rk = ranks(rows, col)
-        if len(rk) < 2:
+        have = [r for r in rows if r.values.get(col.name) is not None]
+        if len(have) < 2:
             continue
-        top = [r for r in rows if rk.get(r.label, (0,))[0] == 1]
         way = "higher" if col.higher_is_better else "lower"
-        names = ", ".join(f"{r.label} ({value_text(r, col.name, col.digits)})" for r in top)
-        out.append(f"{col.label} ({way} is better, {len(rk)} runs): {names}")
+        top = [r for r in have if not any(measurably_better(a, r, col) for a in have)]
+        if len(top) == len(have):
+            out.append(f"{col.label} ({way} is better, {len(have)} runs): no measurable difference")
+            continue
+        names = ", ".join(f"{r.label} ({show(r, col.name, col.digits)})" for r in top)
+        out.append(f"{col.label} ({way} is better, {len(have)} runs): {names}")
     return out

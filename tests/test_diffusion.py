@@ -230,7 +230,7 @@ def test_compare_row_with_a_bound(small_store, tmp_path):
 
     out = tmp_path / "cmp"
     compare(["clm", "mdlm"], store=small_store, out=out, preset="tiny", seq_len=32, batch_size=2,
-            steps=4, sets=["train.checkpoint_every=4"], progress=False, say=lambda m: None)
+            steps=4, seeds=1, sets=["train.checkpoint_every=4"], progress=False, say=lambda m: None)
     md = (out / "report.md").read_text()
     part = md.split("## Measured comparison", 1)[1].split("\n## ", 1)[0]
     lines = next(b for b in part.split("\n\n") if b.startswith("|")).splitlines()
@@ -240,5 +240,5 @@ def test_compare_row_with_a_bound(small_store, tmp_path):
     assert not cell[("clm", "held-out bits/byte")].startswith("≤")
     assert not cell[("mdlm", "masked-token acc.")].startswith("n/a")
     assert not cell[("mdlm", "infill exact match")].startswith("n/a")
-    m = json.loads((out / "runs" / "mdlm" / "measure.json").read_text())["metrics"]
+    m = json.loads((out / "runs" / "mdlm" / "seed-0" / "measure.json").read_text())["metrics"]
     assert m["bits_per_byte"]["bound"] is True and m["bits_per_byte"]["se"] > 0

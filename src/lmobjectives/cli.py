@@ -7,12 +7,17 @@ import errno
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
 from lmobjectives.errors import UserError
+
+# When this command started: a timed run's budget counts from here (setup included). The
+# workers of `--nproc` inherit their launcher's start through the environment.
+STARTED_AT = float(os.environ.get("LMOBJ_STARTED_AT", time.time()))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pre-train language models with every major objective, and measure them.")
@@ -45,6 +50,7 @@ def train(
     rope_theta: Optional[float] = typer.Option(None, help="New RoPE base, e.g. 1e6 for a longer context (written into the exported config)."),
     train_new_embeddings_first: Optional[int] = typer.Option(None, help="First K steps update only the rows of new tokens (extended tokenizer)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Time budget (90s, 5m, 2h, 1d), setup included; without --preset the model is sized for it. Default, when --steps is not given either: 4m."),
     batch_size: Optional[int] = typer.Option(None, help="Per-device micro-batch, in rows."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
     seq_len: Optional[int] = typer.Option(None, help="Sequence length."),
@@ -61,10 +67,10 @@ def train(
     allow_reshard: bool = typer.Option(False, help="Resume on a different number of processes."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train a model (no arguments: the default job on the embedded default corpus).
+    """Train a model (no arguments: the default job, 4 minutes on the embedded default corpus).
 
     Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
-    from lmobjectives.config import apply_set, build_config, load_config_file
+    from lmobjectives.config import apply_set, build_config, default_budget, load_config_file
     from lmobjectives.train.api import load_run_config, train as run_train
     from lmobjectives.train.launch import launch_local, should_launch
 
@@ -74,7 +80,7 @@ def train(
 
     flags = {"objective": objective, "data.corpus": corpus, "data.store": data,
              "data.tokenizer": tokenizer, "model.preset": preset, "model.init_from": init_from,
-             "train.steps": steps, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+             "train.steps": steps, "train.time": time_, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
              "data.seq_len": seq_len, "train.lr": lr, "train.seed": seed,
              "train.checkpoint_every": checkpoint_every, "out": out,
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
@@ -87,6 +93,8 @@ def train(
             raise UserError("give either --mix or --corpus/--data: --mix names every source with its weight")
         flags["data.mix"] = parse_mix(mix)
     given = {k: v for k, v in flags.items() if v not in (None, [])}
+    if steps is not None and time_ is not None:
+        raise UserError("give --steps or --time, not both (a timed run plans its own steps)")
     if resume:
         extra = set(given) - {"train.steps"}
         if extra or config or set_:
@@ -104,13 +112,14 @@ def train(
             node[last] = value
         for assignment in set_ or []:
             apply_set(tree, assignment)
-        cfg = build_config(tree)
+        cfg = build_config(default_budget(tree))
         if init_from:
             say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
     if launching:
+        os.environ["LMOBJ_STARTED_AT"] = repr(STARTED_AT)
         raise typer.Exit(launch_local(nproc, sys.argv[1:]))
     result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
-                       allow_reshard=allow_reshard, progress=not json_out)
+                       allow_reshard=allow_reshard, progress=not json_out, started_at=STARTED_AT)
     if not lead:
         return
     summary = {"run_dir": str(result.run_dir), "started": result.started, "stopped": result.stopped,

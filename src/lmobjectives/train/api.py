@@ -6,11 +6,13 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 import yaml
 
 from lmobjectives.checkpoint import clean_leftovers
@@ -23,6 +25,8 @@ from lmobjectives.report.plots import plot_loss
 from lmobjectives.train.distributed import (World, barrier, broadcast_object, export_final,
                                             failures_end_every_rank, init_world, open_in_turn,
                                             parallelize)
+from lmobjectives.train.budget import parse_duration
+from lmobjectives.train.calibrate import start_plan, timed_setup
 from lmobjectives.train.loop import Stop, Trainer
 from lmobjectives.train.setup import Run, default_run_dir, open_run, seed_everything, write_run_files
 from lmobjectives.util import atomic_write_json
@@ -76,22 +80,27 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> R
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
           force: bool = False, allow_reshard: bool = False, progress: bool = True,
-          say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> TrainResult:
+          say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+          started_at: float | None = None) -> TrainResult:
     """Train ``cfg`` (or continue the run in ``resume``). Under ``torchrun`` (or
     ``lmobj train --nproc N``) every process calls this: each trains its share of every global
     batch, rank 0 writes the run's files and speaks, and a failure on one rank ends them all
-    with its message (``train/distributed.py``)."""
+    with its message (``train/distributed.py``). A timed run (``train.time``) counts its
+    budget from ``started_at`` (a ``time.time()``; default: now)."""
+    started_at = time.time() if started_at is None else started_at
     world = init_world()
-    with failures_end_every_rank(world):
+    threads = torch.get_num_threads()  # calibration may choose fewer; restored at the end
+    with failures_end_every_rank(world), _restored_threads(threads):
         result = _train(cfg, world, resume=resume, overwrite=overwrite, force=force,
                         allow_reshard=allow_reshard, progress=progress,
-                        say=say if world.rank == 0 else (lambda m: None))
+                        say=say if world.rank == 0 else (lambda m: None), started_at=started_at)
     world.close()
     return result
 
 
 def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite: bool, force: bool,
-           allow_reshard: bool, progress: bool, say: Callable[[str], None]) -> TrainResult:
+           allow_reshard: bool, progress: bool, say: Callable[[str], None],
+           started_at: float) -> TrainResult:
     lead = world.rank == 0
     if resume is not None:
         run_dir = Path(resume)
@@ -103,12 +112,20 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
         cfg = cfg.model_copy(update={"out": str(run_dir)})
     for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
         say(f"removed the leftover {p} of an interrupted write")
+    calibration = None
+    if cfg.train.time is not None and resume is None:
+        cfg, calibration = timed_setup(cfg, run_dir, world, started_at, say, progress and lead)
     seed_everything(cfg.train.seed)
     run = open_in_turn(lambda: open_run(cfg, run_dir, progress=progress and lead, rank=world.rank,
                                         world_size=world.world_size), world)
+    if calibration is not None:
+        torch.set_num_threads(calibration["threads"])
+        run.info["budget"] = {"time": cfg.train.time, "seconds": parse_duration(cfg.train.time),
+                              "calibration": calibration}
     n_params = sum(p.numel() for p in run.model.parameters())
     parallelize(run, world)
     trainer = Trainer(run, progress=progress)
+    trainer.started_at = started_at
     if resume is not None:
         ckpt = trainer.resume(force=force, allow_reshard=allow_reshard)
         started = f"resumed from {ckpt.name}" if ckpt else "resumed (no checkpoint yet: from step 0)"
@@ -119,8 +136,13 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             write_run_files(run)
         started = f"initialised from {cfg.model.init_from}" if cfg.model.init_from else "new"
     procs = (f", {world.world_size} processes ({cfg.distributed.strategy})" if world.distributed else "")
+    length = f"{cfg.train.steps} steps"
+    if cfg.train.time is not None:
+        start_plan(trainer, run_dir, calibration, started_at)
+        length = (f"time {cfg.train.time}: {trainer.plan.total} steps planned "
+                  f"({trainer.plan.seconds_left():.0f} s left)")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
-        f"({n_params / 1e6:.1f} M parameters), {cfg.train.steps} steps{procs}")
+        f"({n_params / 1e6:.2f} M parameters), {length}{procs}")
     stopped = False
 
     def on_eval() -> None:
@@ -140,6 +162,14 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
                 f"Continue with: lmobj train --resume {run_dir}")
         return _finish(run, trainer, run_dir, started, last, stopped)
+
+
+@contextmanager
+def _restored_threads(threads: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -28,7 +28,9 @@ import torch
 from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load_checkpoint,
                                      read_checkpoint_state, save_checkpoint)
 from lmobjectives.errors import UserError
-from lmobjectives.train.distributed import agree_on_checkpoint, barrier, reshard_loader_state
+from lmobjectives.train.budget import StepPlan
+from lmobjectives.train.distributed import (agree_on_checkpoint, barrier, broadcast_object,
+                                            reshard_loader_state)
 from lmobjectives.train.module import to_torch
 from lmobjectives.train.preflight import check_batch, preflight
 from lmobjectives.train.schedule import lr_at
@@ -98,10 +100,20 @@ class Trainer:
         self._stop_agreed = False  # the stop flag as all ranks saw it in the last step
         self.reshard_note: str | None = None
         self.warmup = round(self.cfg.train.warmup_fraction * self.cfg.train.steps)
+        # A timed run (``train.time``) plans its steps against a deadline (train/budget.py);
+        # ``started_at`` is when its command started, the origin a resumed plan counts from.
+        self.plan: StepPlan | None = None
+        self.started_at = time.time()
 
     # ---------------------------------------------------------------- state
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total if self.plan is not None else self.cfg.train.steps
+
     def lr(self, step: int) -> float:
         t = self.cfg.train
+        if self.plan is not None:
+            return self.plan.lr(step, t.lr, t.min_lr_ratio)
         return lr_at(step, total=t.steps, peak=t.lr, warmup=self.warmup, schedule=t.schedule,
                      min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
 
@@ -110,7 +122,8 @@ class Trainer:
                 "tokens_by_source": self.tokens_by_source, "config_hash": config_hash(self.cfg),
                 "store_fingerprints": {s.name: s.store.fingerprint for s in self.run.sources},
                 "guard": {"bad_in_row": self.guard.bad_in_row, "recent": list(self.guard.recent)},
-                "world_size": self.run.world_size}
+                "world_size": self.run.world_size,
+                **({"plan": self.plan.state()} if self.plan is not None else {})}
 
     def save(self) -> Path | None:
         """Write a checkpoint: rank 0 alone for full weights (one process, DDP), every rank its
@@ -194,6 +207,8 @@ class Trainer:
         self.guard.bad_in_row = bad
         self.guard.recent.extend(recent)
         torch.set_rng_state(rng["torch"])
+        if state.get("plan") is not None and self.cfg.train.time is not None:
+            self.plan = StepPlan.restore(state["plan"], self.started_at)
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
@@ -242,7 +257,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         begin = getattr(run.module, "begin_step", None)  # modules with a scheduled loss weight
         if begin is not None:
-            begin(self.step, t.steps)
+            begin(self.step, self.total_steps)
         nll = torch.zeros(len(run.module.terms), dtype=torch.float64, device=run.device)
         correct = torch.zeros_like(nll)
         for i, (batch, _, _) in enumerate(micro):
@@ -326,19 +341,23 @@ class Trainer:
         self.stop_requested = True
 
     def fit(self, evaluate=None, on_eval=None) -> dict[str, Any]:  # noqa: ANN001
-        """Train to ``cfg.train.steps``. ``evaluate()`` -> dict of eval metrics."""
+        """Train to ``cfg.train.steps`` (a timed run: to its plan's re-planned total).
+        ``evaluate()`` -> dict of eval metrics."""
         t = self.cfg.train
         old = signal.signal(signal.SIGTERM, self._handle_signal) if self._main_thread() else None
         bar = self._bar()
         last: dict[str, Any] = {}
         try:
-            while self.step < t.steps:
+            while self.step < self.total_steps:
                 start, tokens_before = time.perf_counter(), self.tokens
                 record = self.train_step()
                 dt = time.perf_counter() - start
                 record["tokens_per_second"] = (self.tokens - tokens_before) / max(dt, 1e-9)
                 record["step_seconds"] = dt
-                if self.step % t.log_every == 0 or self.step == t.steps or "skipped" in record:
+                if self.plan is not None:
+                    self.plan.observe_step(dt)
+                    self._replan(bar)
+                if self.step % t.log_every == 0 or self.step == self.total_steps or "skipped" in record:
                     self.log(record)
                 last = record
                 if bar is not None:
@@ -346,13 +365,22 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                     tok_s=f"{record['tokens_per_second']:.0f}")
                 if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
-                        and self.step < t.steps:
+                        and self.step < self.total_steps:
+                    began = time.perf_counter()
                     ev = evaluate()
                     self.log({"step": self.step, "tokens": self.tokens, "eval": True, **ev})
                     if on_eval:
                         on_eval()
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.steps:
+                    if self.plan is not None:
+                        self.plan.observe_eval(time.perf_counter() - began)
+                        self._replan(bar)
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
+                    began = time.perf_counter()
                     self.save()
+                    if self.plan is not None:
+                        self.plan.observe_save(time.perf_counter() - began)
+                        if self.step < self.total_steps:
+                            self._replan(bar)
                 if self._stop_now():
                     if t.checkpoint_every == 0 or self.step % t.checkpoint_every:
                         self.save()
@@ -363,6 +391,18 @@ class Trainer:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
         return last
+
+    def _replan(self, bar) -> None:  # noqa: ANN001 - a tqdm bar or None
+        """Re-plan the timed run's total from the measured times; several processes take rank
+        0's plan, so that they all stop at the same step."""
+        t = self.cfg.train
+        total = self.plan.replan(self.step, t.eval_every, t.checkpoint_every)
+        if self.run.world_size > 1:
+            total, decay_start = broadcast_object((total, self.plan.decay_start))
+            self.plan.total, self.plan.decay_start = total, decay_start
+        if bar is not None and bar.total != total:
+            bar.total = total
+            bar.refresh()
 
     def _stop_now(self) -> bool:
         """Several processes stop at the same step: the flag all-reduced in that step decides."""
@@ -379,5 +419,5 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5, file=sys.stderr)

@@ -1,0 +1,98 @@
+"""A small family of model shapes for sizing a model to a time budget, and the rule that
+picks one.
+
+Each shape fixes width, depth, heads, feed-forward width and a row length; the vocabulary is
+whatever the tokenizer has. Shapes are named ``d<width>-l<layers>`` and are valid presets for
+every architecture (an encoder-decoder splits the layers over its two stacks). Narrower
+models train at a higher peak learning rate: with Adam the stable step size of hidden
+matrices shrinks roughly as 1/width (Yang et al. 2022, "Tensor Programs V", §3 / μP), so the
+table scales a peak of 3e-3 at width 384 (the ``small`` preset's tested value) by 384/width,
+capped at 1e-2.
+
+The rule (``predicted_loss``) is the parametric fit of Hoffmann et al. 2022 ("Training
+Compute-Optimal Large Language Models", §3.3, eq. 10, Approach 3):
+
+    L(N, D) = E + A / N^alpha + B / D^beta,  E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28
+
+with N the parameter count and D the tokens the budget buys at the *measured* throughput of
+that shape on this machine. At large scale its minimum sits near 20 tokens per parameter for
+a fixed FLOP count; on a CPU small models run far below the matmul peak, so measuring tokens/s
+per shape (instead of assuming FLOPs) is what moves the choice to the right size. Worked
+example (4 minutes on 2 cores): a 0.6 M shape at 9 K tokens/s (D = 2.2 M) predicts 12.9,
+a 2.1 M shape at 5 K tokens/s (D = 1.2 M) 12.6, a 3.9 M shape at 2.5 K tokens/s 13.4: the
+2.1 M shape wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Hoffmann et al. 2022, §3.3 eq. (10): the fitted parametric loss (Approach 3).
+CHINCHILLA_E, CHINCHILLA_A, CHINCHILLA_B = 1.69, 406.4, 410.7
+CHINCHILLA_ALPHA, CHINCHILLA_BETA = 0.34, 0.28
+# Hoffmann et al. 2022, Table 3: compute-optimal models see about 20 tokens per parameter.
+TOKENS_PER_PARAMETER = 20
+
+LR_AT_384 = 3e-3  # the `small` preset's peak learning rate (width 384)
+LR_CAP = 1e-2
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    ff: int
+    seq_len: int  # row length: short rows for small models (more rows, same tokens per step)
+    batch_size: int  # rows per micro-batch
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate, ~1/width (μP, see the module docstring)."""
+        return min(LR_CAP, LR_AT_384 * 384 / self.hidden)
+
+    def parameters(self, vocab: int) -> int:
+        """Llama-style decoder with tied embeddings: embeddings + per layer attention (4 d^2)
+        and a gated MLP (3 d ff) + norms."""
+        d = self.hidden
+        return vocab * d + self.layers * (4 * d * d + 3 * d * self.ff + 2 * d) + d
+
+
+def _shape(hidden: int, layers: int, seq_len: int, batch_size: int) -> Shape:
+    heads = max(hidden // 64, 2) if hidden >= 128 else 2  # head width 32-64
+    return Shape(f"d{hidden}-l{layers}", hidden, layers, heads, 4 * hidden, seq_len, batch_size)
+
+
+# Smallest first: calibration measures them in this order and stops at the first that is too
+# slow for its time box. Rows of 128 tokens up to width 192, 256 beyond; ~2-4 K tokens a step.
+SHAPES: dict[str, Shape] = {s.name: s for s in (
+    _shape(64, 2, 128, 16),
+    _shape(96, 3, 128, 16),
+    _shape(128, 4, 128, 24),
+    _shape(192, 4, 128, 24),
+    _shape(256, 6, 256, 12),
+    _shape(384, 8, 256, 8),
+    _shape(512, 8, 256, 8),
+    _shape(768, 12, 256, 8),
+)}
+
+
+def predicted_loss(parameters: int, tokens: float) -> float:
+    """Hoffmann et al. 2022 eq. (10): loss of ``parameters`` trained on ``tokens``."""
+    if tokens <= 0:
+        return float("inf")
+    return (CHINCHILLA_E + CHINCHILLA_A / parameters ** CHINCHILLA_ALPHA
+            + CHINCHILLA_B / tokens ** CHINCHILLA_BETA)
+
+
+def choose_shape(measured: list[dict], seconds: float) -> dict:
+    """The candidate (``{"shape", "parameters", "tokens_per_second"}``) with the lowest
+    predicted loss for ``seconds`` of training; adds ``planned_tokens`` and ``predicted_loss``
+    to every candidate."""
+    if not measured:
+        raise ValueError("no candidate was measured")
+    for c in measured:
+        c["planned_tokens"] = int(c["tokens_per_second"] * seconds)
+        c["predicted_loss"] = round(predicted_loss(c["parameters"], c["planned_tokens"]), 4)
+    return min(measured, key=lambda c: c["predicted_loss"])

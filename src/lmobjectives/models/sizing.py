@@ -18,9 +18,9 @@ with N the parameter count and D the tokens the budget buys at the *measured* th
 that shape on this machine. At large scale its minimum sits near 20 tokens per parameter for
 a fixed FLOP count; on a CPU small models run far below the matmul peak, so measuring tokens/s
 per shape (instead of assuming FLOPs) is what moves the choice to the right size. Worked
-example (4 minutes on 2 cores): a 0.6 M shape at 9 K tokens/s (D = 2.2 M) predicts 12.9,
-a 2.1 M shape at 5 K tokens/s (D = 1.2 M) 12.6, a 3.9 M shape at 2.5 K tokens/s 13.4: the
-2.1 M shape wins.
+example (240 s of training): a 0.6 M shape at 9 K tokens/s (D = 2.2 M) predicts 13.0, a
+2.1 M shape at 5 K tokens/s (D = 1.2 M) 12.7, a 3.9 M shape at 2.5 K tokens/s (D = 0.6 M)
+13.9: the 2.1 M shape wins.
 """
 
 from __future__ import annotations

@@ -82,16 +82,20 @@ def measure(cfg: RunConfig, run_dir: Path, box_end: float, world_size: int,
     except UserError:  # e.g. MTP's compute matching needs more layers than this shape has
         return None
     threads = torch.get_num_threads()
-    times = _timed_steps(trainer, WARM_STEPS + TIMED_STEPS, box_end, clock)
-    timed = times[WARM_STEPS:] or times
-    by_threads = {threads: sum(timed) / len(timed)}
-    if threads > 1 and clock() < box_end:
-        torch.set_num_threads(1)
+    counts = [threads, 1] if threads > 1 else [threads]
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    _timed_steps(trainer, WARM_STEPS, box_end, clock)
+    # Alternate the thread counts, so that both see the same load and both are measured
+    # even when the box ends early.
+    for i in range(TIMED_STEPS * len(counts)):
+        if i and clock() > box_end:
+            break
+        torch.set_num_threads(counts[i % len(counts)])
         try:
-            one = _timed_steps(trainer, TIMED_STEPS, box_end, clock)
+            times[counts[i % len(counts)]] += _timed_steps(trainer, 1, float("inf"), clock)
         finally:
             torch.set_num_threads(threads)
-        by_threads[1] = sum(one) / len(one)
+    by_threads = {n: sum(ts) / len(ts) for n, ts in times.items() if ts}
     best = min(by_threads, key=by_threads.get)
     step_s = by_threads[best]
     tokens_per_step = trainer.tokens / trainer.step  # this process's share

@@ -141,3 +141,27 @@ def test_config_rules():
     assert default_budget({})["train"]["time"] == "4m"
     assert default_budget({"train": {"steps": 5}}) == {"train": {"steps": 5}}
     assert build_config({}).train.time is None  # Python callers keep counted steps
+
+
+def test_compile_only_when_it_pays():
+    from lmobjectives.train.calibrate import compile_pays
+
+    assert compile_pays(eager_s=1.0, compiled_s=0.8, compile_s=30, seconds=600)
+    assert not compile_pays(eager_s=1.0, compiled_s=0.8, compile_s=100, seconds=600)
+    assert not compile_pays(eager_s=1.0, compiled_s=1.1, compile_s=0, seconds=600)
+
+
+def test_a_failing_compile_falls_back_to_eager(small_store, tmp_path, monkeypatch):
+    import torch
+
+    from lmobjectives.train.calibrate import try_compile
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = build_config({"objective": "clm", "model": {"preset": "tiny"},
+                        "data": {"store": small_store, "seq_len": 32},
+                        "train": {"time": "20m", "batch_size": 2}, "out": str(tmp_path)})
+    out = try_compile(cfg, tmp_path, {"step_seconds": 1.0, "threads": 1}, 1200, 1, __import__("time").time)
+    assert out == {"used": False, "reason": "RuntimeError: no compiler here"}

@@ -129,10 +129,17 @@ def train(
     else:
         _say(f"done: {result.run_dir}  train loss {summary['loss'] if summary['loss'] is None else round(summary['loss'], 4)}")
         if result.eval:
-            _say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in result.eval.items()))
+            _print_eval(result.eval)
         if not result.stopped:
             _print_showcase(result.run_dir)
+
+
+def _print_eval(ev: dict[str, Any]) -> None:
+    """Held-out numbers, the headline first: bits per byte (comparable across tokenizers)."""
+    scalars = {k: v for k, v in ev.items() if isinstance(v, (int, float))}
+    head = f"held-out bits/byte {scalars['bits_per_byte']:.3f}; " if "bits_per_byte" in scalars else ""
+    _say("eval: " + head + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in scalars.items() if k != "bits_per_byte"))
 
 
 def _print_showcase(run_dir: Path) -> None:
@@ -142,7 +149,8 @@ def _print_showcase(run_dir: Path) -> None:
     shown = showcase(str(run_dir))
     if "generation" in shown:
         g = shown["generation"]
-        print(f"--- generation (greedy, prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
+        print(f"--- generation (sampled: temperature {g['temperature']}, top-p {g['top_p']}, "
+              f"seed {g['seed']}; prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
     if "infill" in shown:
         f = shown["infill"]
         if f["kind"] == "fim":

@@ -161,7 +161,11 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             stopped = True
             say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
                 f"Continue with: lmobj train --resume {run_dir}")
-        return _finish(run, trainer, run_dir, started, last, stopped)
+        result = _finish(run, trainer, run_dir, started, last, stopped)
+    if cfg.train.time is not None:
+        say(f"time: {time.time() - started_at:.1f} s of the {cfg.train.time} budget "
+            f"({trainer.step} steps, {trainer.tokens / 1e6:.2f} M tokens)")
+    return result
 
 
 @contextmanager

@@ -40,8 +40,10 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 STEP_TIME_SMOOTHING = 0.1  # weight of the newest step in the running mean of step time
 # What follows the last step and is not yet measured: a second for writing, plotting and
-# closing files, on top of the measured evaluation, checkpoint and export.
+# closing files, on top of the measured evaluation, checkpoint and export; one more for
+# several processes (final barrier, closing the process group, torchrun's shutdown).
 FIXED_RESERVE_S = 1.0
+DISTRIBUTED_RESERVE_S = 3.0  # measured: 1-2 s idle, up to 8 s at load 12 on 2 cores
 
 
 def parse_duration(text: str) -> float:
@@ -72,13 +74,15 @@ class StepPlan:
     warmup_fraction: float = 0.05
     decay_fraction: float = 0.2
     replans: int = 0
+    processes: int = 1
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
     # ------------------------------------------------------------------ planning
     def reserve(self) -> float:
         """Seconds the end of the run needs after its last step: final evaluation, final
         checkpoint, export (about one checkpoint's weights) and a fixed margin."""
-        return self.eval_s + 2 * self.save_s + FIXED_RESERVE_S
+        return (self.eval_s + 2 * self.save_s + FIXED_RESERVE_S
+                + (DISTRIBUTED_RESERVE_S if self.processes > 1 else 0.0))
 
     def seconds_left(self) -> float:
         return self.deadline - self.clock()
@@ -95,6 +99,11 @@ class StepPlan:
         if step == 0:
             self.warmup = round(self.warmup_fraction * self.total)
         return self.total
+
+    def worth_evaluating(self, step: int, eval_every: int) -> bool:
+        """A periodic evaluation is skipped when the final one is less than half a period
+        away: it would cost its time and show nothing new."""
+        return self.total - step >= eval_every / 2
 
     def observe_step(self, seconds: float) -> None:
         self.step_s += STEP_TIME_SMOOTHING * (seconds - self.step_s)

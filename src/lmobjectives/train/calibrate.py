@@ -198,8 +198,9 @@ def first_plan(cfg: RunConfig, record: dict[str, Any] | None, deadline: float, b
     t = cfg.train
     n_params = record["parameters"] if record else 0
     # First guesses until measured: an evaluation ~ eval_batches forward passes of two kinds
-    # (objective loss, bits per byte), a checkpoint ~ 12 bytes a parameter at ~100 MB/s.
-    eval_s = t.eval_batches * step_s * 0.7
+    # (objective loss, bits per byte) and a first plot (importing matplotlib: ~1 s), a
+    # checkpoint ~ 12 bytes a parameter at ~100 MB/s.
+    eval_s = t.eval_batches * step_s * 0.7 + 1.0
     save_s = 0.2 + 12 * n_params / 100e6
     return StepPlan(budget_s=budget_s, deadline=deadline, step_s=step_s, eval_s=eval_s,
                     save_s=save_s, schedule=t.schedule, warmup_fraction=t.warmup_fraction,
@@ -247,6 +248,7 @@ def start_plan(trainer: Any, run_dir: Path, record: dict[str, Any] | None, start
         if record is None:  # resumed before its first checkpoint: calibrated when it started
             record = (read_run_info(run_dir).get("budget") or {}).get("calibration")
         trainer.plan = first_plan(cfg, record, started_at + budget_s, budget_s)
+        trainer.plan.processes = trainer.run.world_size
     t = cfg.train
     trainer.plan.start(trainer.step, t.eval_every, t.checkpoint_every)
     if trainer.run.world_size > 1:

@@ -348,6 +348,7 @@ class Trainer:
         bar = self._bar()
         last: dict[str, Any] = {}
         try:
+            tick = time.perf_counter()
             while self.step < self.total_steps:
                 start, tokens_before = time.perf_counter(), self.tokens
                 record = self.train_step()
@@ -355,7 +356,6 @@ class Trainer:
                 record["tokens_per_second"] = (self.tokens - tokens_before) / max(dt, 1e-9)
                 record["step_seconds"] = dt
                 if self.plan is not None:
-                    self.plan.observe_step(dt)
                     self._replan(bar)
                 if self.step % t.log_every == 0 or self.step == self.total_steps or "skipped" in record:
                     self.log(record)
@@ -364,23 +364,28 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                     tok_s=f"{record['tokens_per_second']:.0f}")
+                aside = 0.0  # seconds of this iteration spent evaluating and saving
                 if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
-                        and self.step < self.total_steps:
+                        and self.step < self.total_steps \
+                        and (self.plan is None or self.plan.worth_evaluating(self.step, t.eval_every)):
                     began = time.perf_counter()
                     ev = evaluate()
                     self.log({"step": self.step, "tokens": self.tokens, "eval": True, **ev})
                     if on_eval:
                         on_eval()
+                    aside += time.perf_counter() - began
                     if self.plan is not None:
                         self.plan.observe_eval(time.perf_counter() - began)
-                        self._replan(bar)
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
                     began = time.perf_counter()
                     self.save()
+                    aside += time.perf_counter() - began
                     if self.plan is not None:
                         self.plan.observe_save(time.perf_counter() - began)
-                        if self.step < self.total_steps:
-                            self._replan(bar)
+                if self.plan is not None:  # the whole iteration counts: logging, bar, re-planning
+                    now = time.perf_counter()
+                    self.plan.observe_step(now - tick - aside)
+                    tick = now
                 if self._stop_now():
                     if t.checkpoint_every == 0 or self.step % t.checkpoint_every:
                         self.save()

@@ -56,7 +56,7 @@ def main() -> None:
     from lmobjectives.store.prepare import prepare_store
     from lmobjectives.store.store import TokenStore
     from lmobjectives.tokenizer import load_tokenizer
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     out = Path(args.out)
     store_dir = out / "store"

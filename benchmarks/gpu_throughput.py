@@ -25,7 +25,8 @@ from lmobjectives.models.presets import build_model
 from lmobjectives.objectives.base import Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.tokenizer.special import SpecialIds
-from lmobjectives.train.module import StandardModule, to_torch
+from lmobjectives.runtime import to_torch
+from lmobjectives.step import StandardModule
 
 # Dense bf16 peak, FLOP/s, from the vendors' data sheets (no sparsity).
 DATASHEET_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

@@ -48,8 +48,8 @@ def one(n_heads: int, strategy: str, design: str, preset: str, batch: int, seq_l
     from lmobjectives.objectives.base import Rows
     from lmobjectives.objectives.mtp import MTP
     from lmobjectives.tokenizer.special import SpecialIds
-    from lmobjectives.train.module import to_torch
-    from lmobjectives.train.mtp_module import MTPModule
+    from lmobjectives.runtime import to_torch
+    from lmobjectives.step.mtp import MTPModule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specials = SpecialIds.default(vocab_size=8192)

@@ -40,7 +40,7 @@ import torch
 
 def train_default(out: Path, steps: int, seq_len: int, batch: int) -> Path:
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     cfg = build_config({"objective": "mtp", "out": str(out), "model": {"preset": "small"},
                         "data": {"corpus": ["default:code"], "seq_len": seq_len},
@@ -53,7 +53,7 @@ def held_out_prompts(run_dir: Path, n: int, length: int) -> list[list[int]]:
     store holds whole files, so a few documents give many prompts), EOS first as ``generate``
     does."""
     from lmobjectives.infer.load import load_model
-    from lmobjectives.train.api import load_run_config
+    from lmobjectives.rundir import load_run_config
     from lmobjectives.train.setup import open_run
 
     run = open_run(load_run_config(run_dir), run_dir, progress=False)

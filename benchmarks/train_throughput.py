@@ -29,8 +29,9 @@ from lmobjectives.models.presets import build_model, count_parameters
 from lmobjectives.store.store import TokenStore, write_store
 from lmobjectives.tokenizer.special import SpecialIds
 from lmobjectives.train.loop import Trainer
-from lmobjectives.train.module import StandardModule
-from lmobjectives.train.setup import Run, Source
+from lmobjectives.step import StandardModule
+from lmobjectives.spec import Source
+from lmobjectives.train.setup import Run
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -80,7 +81,7 @@ def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials:
               specials=specials,
               sources=[Source("bench", table, 1.0)], objective=CLM(specials=specials),
               architecture="decoder", model=model,
-              module=StandardModule(torch.compile(model) if compile else model, "decoder"),
+              model_with_loss=StandardModule(torch.compile(model) if compile else model, "decoder"),
               device=torch.device("cpu"), bf16=False)
     trainer = Trainer(run, progress=False)
     times = []

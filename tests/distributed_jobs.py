@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lmobjectives.config import build_config
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 from lmobjectives.train.distributed import barrier, init_world
 
 

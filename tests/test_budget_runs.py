@@ -14,7 +14,7 @@ import yaml
 from lmobjectives.config import build_config
 from lmobjectives.models.sizing import SHAPES
 from lmobjectives.objectives import OBJECTIVES
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 from test_cli import assert_user_error, run as lmobj
 
 

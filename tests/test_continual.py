@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lmobjectives.cli import app
-from lmobjectives.config import REWARM_FRACTION, build_config
+from lmobjectives.config import REWARM_FRACTION, build_config, parse_mix
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.forgetting import forgetting_report
 from lmobjectives.evaluate.positions import PositionLoss, bucket_edges
@@ -24,8 +24,7 @@ from lmobjectives.models.resize import add_token_rows
 from lmobjectives.store.prepare import prepare_store
 from lmobjectives.tokenizer import default_tokenizer_dir, encode_data, load_tokenizer, train_tokenizer
 from lmobjectives.tokenizer.extend import EXTENSION_FILE, extend_tokenizer_dir, load_extension
-from lmobjectives.train.api import train
-from lmobjectives.train.continual import parse_mix
+from lmobjectives.train.job import train
 
 TINY = {"steps": 3, "batch_size": 4, "eval_every": 0, "checkpoint_every": 0, "eval_batches": 1}
 EMBED = "model.embed_tokens.weight"
@@ -110,6 +109,31 @@ def test_init_from_hf_gpt2_dir(corpora, tmp_path):
         _train({**tree, "train": {**TINY, "lr_scale": 0.5}, "out": str(tmp_path / "run2")})
     with pytest.raises(UserError, match="absolute positions"):
         _train({**tree, "data": {**tree["data"], "seq_len": 128}, "out": str(tmp_path / "run3")})
+
+
+def test_eval_and_export_work_after_the_init_from_source_is_gone(corpora, tmp_path):
+    """``lmobj eval`` and ``lmobj export`` open the run's spec, not the run: the directory it was
+    initialised from may be moved or deleted."""
+    import shutil
+
+    import transformers as tf
+
+    from lmobjectives.evaluate.run import evaluate_dir
+    from lmobjectives.export import export_checkpoint
+
+    src = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=8192, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)).save_pretrained(src)
+    run = _train({"model": {"init_from": str(src)}, "out": str(tmp_path / "run"),
+                  "data": {"corpus": [str(corpora["prose"])], "tokenizer": str(default_tokenizer_dir()),
+                           "seq_len": 32, "val_fraction": 0.25}, "train": {**TINY, "steps": 2}})
+    shutil.rmtree(src)
+    res = evaluate_dir(run, n_batches=1, infill_samples=0)
+    assert res["loss"] > 0 and res["bits_per_byte"] > 0
+    out = export_checkpoint(run / "checkpoints" / "step-0000002", tmp_path / "hf")
+    assert load_file(out / "model.safetensors").keys() == load_file(run / "final" / "model.safetensors").keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(out / "model.safetensors").values(),
+                                                 load_file(run / "final" / "model.safetensors").values()))
 
 
 def test_init_from_our_run_rewarms_scales_lr_and_extends_context(base_run, corpora, tmp_path):
@@ -289,7 +313,7 @@ def test_init_from_a_foreign_model_with_its_own_tokenizer(tmp_path, small_corpus
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from lmobjectives.config import build_config
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -26,7 +26,8 @@ import lmobjectives
 from lmobjectives.config import build_config
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import OBJECTIVES
-from lmobjectives.train.api import load_run_config, train
+from lmobjectives.rundir import load_run_config
+from lmobjectives.train.job import train
 from lmobjectives.train.distributed import World, parallelize, reshard_loader_state
 from lmobjectives.train.launch import should_launch
 from lmobjectives.train.loop import Trainer
@@ -152,7 +153,7 @@ def test_the_gathered_fsdp_export_matches_ddp(runs):
 
 
 def test_a_sharded_checkpoint_exports_as_the_final_model(runs, tmp_path):
-    from lmobjectives.train.api import export_checkpoint
+    from lmobjectives.export import export_checkpoint
 
     export_checkpoint(runs["fsdp-clm"] / "checkpoints" / f"step-{STEPS:07d}", tmp_path / "hf")
     assert_same_weights(runs["fsdp-clm"] / "final", tmp_path / "hf")
@@ -189,11 +190,33 @@ def test_fsdp_reshards_to_one_process_when_allowed(runs, tmp_path):
     assert (tmp_path / "copy" / "checkpoints" / f"step-{STEPS:07d}" / ".metadata").is_file()
 
 
+def test_lmobj_verify_checks_a_sharded_checkpoint_and_names_a_damaged_file(runs, tmp_path):
+    """``lmobj verify`` on a 2-process FSDP run passes; one flipped byte in a shard file makes
+    it fail (exit 2) naming that file."""
+    import shutil
+
+    run = tmp_path / "fsdp"
+    shutil.copytree(runs["fsdp-clm"], run)
+    lmobj = [sys.executable, "-m", "lmobjectives.cli", "verify", "--json", str(run)]
+    ok = subprocess.run(lmobj, env=env(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["ok"] and len(report["checkpoints"]) == STEPS // 2
+    ckpt = run / "checkpoints" / f"step-{STEPS:07d}"
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(lmobj[:-2] + [str(run)], env=env(), capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert f"checkpoint file {shard} is corrupt" in bad.stdout + bad.stderr
+
+
 def test_crafted_checkpoint_metadata_runs_no_code(runs, tmp_path):
     import shutil
 
-    from lmobjectives.train.sharded import load_sharded
-    from lmobjectives.util import sha256_file
+    from lmobjectives.checkpoint.sharded import load_sharded
+    from lmobjectives.util import sha256_file, stable_hash
 
     ckpt = tmp_path / "step-0000002"
     shutil.copytree(runs["fsdp-clm"] / "checkpoints" / "step-0000002", ckpt)
@@ -204,9 +227,10 @@ def test_crafted_checkpoint_metadata_runs_no_code(runs, tmp_path):
             return (os.system, (f"touch {sentinel}",))
 
     (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
-    sums = json.loads((ckpt / "checksums.json").read_text())
-    sums[".metadata"] = sha256_file(ckpt / ".metadata")
-    (ckpt / "checksums.json").write_text(json.dumps(sums))
+    table = json.loads((ckpt / "checksums.json").read_text())
+    table["files"][".metadata"] = sha256_file(ckpt / ".metadata")
+    table["self"] = stable_hash(table["files"])
+    (ckpt / "checksums.json").write_text(json.dumps(table))
     run = open_run(load_run_config(runs["fsdp-clm"]), runs["fsdp-clm"], progress=False)
     with pytest.raises(UserError, match="cannot load checkpoint.*not allowed"):
         load_sharded(ckpt, run.model, None)

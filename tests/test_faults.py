@@ -94,7 +94,7 @@ def _count_calls(owner, name: str, when: Callable[[int], bool], after: bool = Fa
 
 def hook_forward(n: int):
     def install() -> None:
-        from lmobjectives.train.module import StandardModule
+        from lmobjectives.step import StandardModule
 
         real = StandardModule.forward_backward
         count = [0]
@@ -127,7 +127,7 @@ def hook_epoch_boundary() -> None:
 
 def hook_torch_save(n: int):
     def install() -> None:
-        import lmobjectives.checkpoint as ck
+        import lmobjectives.checkpoint.full as ck
 
         _count_calls(ck.torch, "save", lambda c: c == n, after=True)
     return install
@@ -136,7 +136,7 @@ def hook_torch_save(n: int):
 def hook_half_written_model(n: int):
     """The n-th model.safetensors is cut in half on disk, then the process dies."""
     def install() -> None:
-        import lmobjectives.checkpoint as ck
+        import lmobjectives.checkpoint.full as ck
 
         real, count = ck.save_model, [0]
 
@@ -154,7 +154,7 @@ def hook_half_written_model(n: int):
 
 def hook_publish(n: int, after: bool):
     def install() -> None:
-        import lmobjectives.checkpoint as ck
+        import lmobjectives.checkpoint.full as ck
 
         _count_calls(ck, "publish_dir", lambda c: c == n, after=after)
     return install
@@ -314,7 +314,7 @@ def _wait_for_lines(f: Path, n: int, proc, timeout: float = 60.0) -> None:  # no
 
 
 def test_disk_full_keeps_previous_checkpoint_and_leftovers_are_cleaned(store, tmp_path, monkeypatch):
-    import lmobjectives.checkpoint as ck
+    import lmobjectives.checkpoint.full as ck
 
     out = tmp_path / "run"
     code, _, err = ru.run_cli(ru.tiny_args(store, out, 3, every=3))
@@ -356,7 +356,7 @@ def test_disk_full_keeps_previous_checkpoint_and_leftovers_are_cleaned(store, tm
 
 def test_disk_full_in_safetensors_write(store, tmp_path, monkeypatch):
     """The same through the weights file: safetensors raises the OSError itself."""
-    import lmobjectives.checkpoint as ck
+    import lmobjectives.checkpoint.full as ck
 
     out = tmp_path / "run"
     assert ru.run_cli(ru.tiny_args(store, out, 3, every=3))[0] == 0

@@ -14,7 +14,7 @@ import numpy as np
 from lmobjectives.config import build_config
 from lmobjectives.store.store import write_store
 from lmobjectives.tokenizer import load_tokenizer, save_hf_tokenizer, tokenizer_fingerprint
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_clm_tiny.json"
 

@@ -19,7 +19,7 @@ from lmobjectives.infer.infill import (MiddleStop, fim_prompt, fit_context, pars
                                        sentinel_count)
 from lmobjectives.tokenizer import load_tokenizer
 from lmobjectives.tokenizer.special import SpecialIds
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 
 TOY_DOC = "x = 1\n"
 

@@ -22,8 +22,8 @@ from lmobjectives.models.presets import build_model
 from lmobjectives.objectives import build_objective
 from lmobjectives.objectives.base import Rows
 from lmobjectives.objectives.mtp import MTP, depth_targets, loss_weights
-from lmobjectives.train.module import to_torch
-from lmobjectives.train.mtp_module import MTPModule, base_overrides, depth_labels, head_names
+from lmobjectives.runtime import to_torch
+from lmobjectives.step.mtp import MTPModule, base_overrides, depth_labels, head_names
 
 CPU = torch.device("cpu")
 DESIGNS = ("parallel", "sequential")
@@ -382,7 +382,7 @@ def test_resumed_mtp_run_is_bit_identical(store, tmp_path):
     had crashed there, resume it, and compare every logged number."""
     import shutil
 
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     params = {"n_heads": 3, "head_design": "sequential", "weight_schedule": "deepseek"}
     cfg = run_config(store, tmp_path / "whole", 6, **params)
@@ -406,7 +406,7 @@ def test_export_loads_as_plain_causal_lm_and_heads_load_back(store, tmp_path):
 
     from lmobjectives.infer.api import generate_text
     from lmobjectives.infer.load import load_model
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     run = train(run_config(store, tmp_path / "run", 3), progress=False, say=lambda m: None)
     final = run.run_dir / "final"
@@ -426,7 +426,7 @@ def test_export_loads_as_plain_causal_lm_and_heads_load_back(store, tmp_path):
     assert torch.equal(plain(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
 
     # Continued pre-training from this run keeps its heads.
-    from lmobjectives.train.mtp_module import wrap_model
+    from lmobjectives.step.mtp import wrap_model
 
     again = wrap_model(plain, MTP(specials=loaded.specials), seed=1, init_from=str(run.run_dir))
     for name, p in again.heads.named_parameters():

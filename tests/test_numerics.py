@@ -14,7 +14,8 @@ import runs_util as ru
 from lmobjectives.config import build_config
 from lmobjectives.errors import UserError
 from lmobjectives.train.loop import Trainer
-from lmobjectives.train.setup import open_run, seed_everything
+from lmobjectives.runtime import seed_everything
+from lmobjectives.train.setup import open_run
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,14 @@ def logged(out: Path) -> list[dict]:
 
 def test_nan_loss_skips_the_update_and_is_logged(store, tmp_path):
     tr = make_trainer(store, tmp_path / "run", 6)
-    real = tr.run.module.logits
+    real = tr.run.model_with_loss.logits
     for step in range(1, 7):
         before = snapshot(tr)
         if step == 4:  # the forward returns NaN logits once
-            tr.run.module.logits = lambda batch: real(batch) * float("nan")
+            tr.run.model_with_loss.logits = lambda batch: real(batch) * float("nan")
         rec = tr.train_step()
         tr.log(rec)
-        tr.run.module.logits = real
+        tr.run.model_with_loss.logits = real
         if step == 4:
             assert rec["skipped"] == "non-finite" and rec["step"] == 4
             assert same(before, snapshot(tr))  # weights and Adam moments untouched
@@ -69,7 +70,7 @@ def test_nan_loss_skips_the_update_and_is_logged(store, tmp_path):
 
 def test_nan_gradient_skips_the_update(store, tmp_path):
     tr = make_trainer(store, tmp_path / "run", 4)
-    real = tr.run.module.forward_backward
+    real = tr.run.model_with_loss.forward_backward
 
     def poisoned(batch, totals, backward=True):  # noqa: ANN001
         out = real(batch, totals, backward)
@@ -78,26 +79,26 @@ def test_nan_gradient_skips_the_update(store, tmp_path):
 
     tr.train_step()
     before = snapshot(tr)
-    tr.run.module.forward_backward = poisoned
+    tr.run.model_with_loss.forward_backward = poisoned
     rec = tr.train_step()
     assert rec["skipped"] == "non-finite" and rec["step"] == 2
     assert rec["loss"] == rec["loss"]  # finite loss: only the gradient was bad
     assert same(before, snapshot(tr))
-    tr.run.module.forward_backward = real
+    tr.run.model_with_loss.forward_backward = real
     assert "skipped" not in tr.train_step()
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(store, tmp_path):
     tr = make_trainer(store, tmp_path / "run", 10, max_bad_steps=3)
-    real = tr.run.module.logits
-    tr.run.module.logits = lambda batch: real(batch) * float("nan")
+    real = tr.run.model_with_loss.logits
+    tr.run.model_with_loss.logits = lambda batch: real(batch) * float("nan")
     with pytest.raises(UserError, match=r"non-finite loss or gradient 3 steps in a row \(last at step 3\)"):
         tr.fit()
 
 
 @pytest.mark.parametrize("action", ["skip", "log"])
 def test_ten_times_loss_spike_triggers_the_action(store, tmp_path, monkeypatch, action):
-    import lmobjectives.train.module as module
+    import lmobjectives.step.standard as module
 
     tr = make_trainer(store, tmp_path / "run", 14, spike_action=action, spike_window=20)
     real = module.token_nll_sum

@@ -16,7 +16,7 @@ from lmobjectives.config import build_config
 from lmobjectives.data.converters import IGNORE, to_prefix_lm
 from lmobjectives.objectives.base import Features
 from lmobjectives.tokenizer.special import SpecialIds
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 
 AUTO = {"encoder": "AutoModelForMaskedLM", "encoder_decoder": "AutoModelForSeq2SeqLM",
         "prefix_lm": "AutoModelForCausalLM"}
@@ -117,7 +117,7 @@ def test_train_export_eval_serve(objective, architecture, small_store, tmp_path)
     from lmobjectives.checkpoint import load_checkpoint
     from lmobjectives.evaluate.metrics import val_batches
     from lmobjectives.evaluate.run import evaluate_dir
-    from lmobjectives.train.module import to_torch
+    from lmobjectives.runtime import to_torch
     from lmobjectives.train.setup import open_run
 
     tree = {**tiny_tree(small_store, str(tmp_path / "r"), steps=3, eval_batches=1),

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_tree
 from lmobjectives.config import build_config
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -145,7 +145,7 @@ def test_kv_cache_generation_equals_full_recompute():
 def test_export_command_writes_any_checkpoint(small_store, tmp_path):
     import transformers as tf
 
-    from lmobjectives.train.api import export_checkpoint
+    from lmobjectives.export import export_checkpoint
 
     res = train(build_config(tiny_tree(small_store, str(tmp_path / "r"), steps=6)), progress=False)
     out = export_checkpoint(res.run_dir / "checkpoints" / "step-0000003", tmp_path / "x")

@@ -26,7 +26,7 @@ from lmobjectives.evaluate.forgetting import forgetting_report
 from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore
 from lmobjectives.tokenizer import load_tokenizer
-from lmobjectives.train.api import train
+from lmobjectives.train.job import train
 
 VAL_FRACTION = 0.1  # held-out documents per part: the forgetting table scores only these
 

@@ -233,6 +233,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``dotted`` = ``a.b`` (groups created as needed)."""
+    *parents, last = dotted.strip().split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: '{p}' is not a group of keys")
+    node[last] = value
+
+
 def apply_set(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise UserError(f"--set takes key=value, got '{assignment}'")
@@ -240,12 +251,7 @@ def apply_set(tree: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     if parts[0] == "objective" and len(parts) > 1:
         parts = ["objective_params", *parts[1:]]
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise UserError(f"--set {key}: '{p}' is not a group of keys")
-    node[parts[-1]] = parse_value(value)
+    set_key(tree, ".".join(parts), parse_value(value))
 
 
 def build_config(tree: dict[str, Any]) -> RunConfig:
@@ -282,3 +288,56 @@ def config_to_yaml(cfg: RunConfig) -> str:
     if cfg.train.time is not None:
         tree["train"].pop("steps")
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+# Keys a resumed run may change: it continues with its own config otherwise.
+RESUME_MAY_CHANGE = ("train.steps",)
+
+
+def check_resume_flags(given: dict[str, Any], config_file: str | None, sets: list[str] | None) -> None:
+    """``--resume`` continues a run with its own config: only ``--steps`` may change."""
+    extra = set(given) - set(RESUME_MAY_CHANGE)
+    if extra or config_file or sets:
+        raise UserError("--resume continues a run with its own config; only --steps may change "
+                        f"(got {', '.join(sorted(extra)) or 'a config'})")
+
+
+def config_from_flags(given: dict[str, Any], config_file: str | None,
+                      sets: list[str] | None) -> RunConfig:
+    """A new run's config: the config file, then the command's flags (dotted keys), then each
+    ``--set key=value`` in order — a later source wins; without steps or a time, the
+    default budget (``default_budget``)."""
+    tree = load_config_file(config_file) if config_file else {}
+    for key, value in given.items():
+        set_key(tree, key, value)
+    for assignment in sets or []:
+        apply_set(tree, assignment)
+    return build_config(default_budget(tree))
+
+
+def parse_mix(items: list[str]) -> list[dict[str, Any]]:
+    """``PATH=WEIGHT`` strings (``--mix``) -> ``data.mix`` entries."""
+    out = []
+    for item in items:
+        path, sep, weight = item.rpartition("=")
+        if not sep or not path:
+            raise UserError(f"--mix takes PATH=WEIGHT (e.g. --mix domain/=0.8), got '{item}'")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise UserError(f"--mix {item}: weight '{weight}' is not a number") from None
+        if not w > 0:
+            raise UserError(f"--mix {item}: weight must be positive")
+        out.append({"path": path, "weight": w})
+    return out
+
+
+def given_flags(flags: dict[str, Any], mix: list[str] | None) -> dict[str, Any]:
+    """The dotted-key flags a user gave (None and [] mean "not given"); ``--mix`` entries
+    become ``data.mix``, which names every source and so excludes ``--corpus``/``--data``."""
+    given = {k: v for k, v in flags.items() if v not in (None, [])}
+    if mix:
+        if "data.corpus" in given or "data.store" in given:
+            raise UserError("give either --mix or --corpus/--data: --mix names every source with its weight")
+        given["data.mix"] = parse_mix(mix)
+    return given

@@ -33,3 +33,29 @@ def export_model(model: torch.nn.Module, tokenizer, out: str | Path) -> Path:  #
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Export any checkpoint (full or sharded) of a run as an HF directory.
+
+    The run's spec gives the tokenizer and architecture without building the run; the model
+    that receives the weights has the shape of the run's ``final/`` model when there is one,
+    so the run's ``--init-from`` source may have moved; before the run has finished it is
+    built as training built it."""
+    from lmobjectives.checkpoint import load_weights
+    from lmobjectives.rundir import read_run_info
+    from lmobjectives.spec import open_spec
+
+    ckpt = Path(checkpoint)
+    run_dir = ckpt.parent.parent
+    spec = open_spec(run_dir)
+    if (run_dir / "final" / "config.json").is_file():
+        from lmobjectives.infer.load import load_model
+
+        model = load_model(run_dir).model
+    else:
+        from lmobjectives.train.setup import build_run_model
+
+        model = build_run_model(spec, read_run_info(run_dir).get("tokenizer") or "", {})
+    load_weights(ckpt, model)
+    return export_model(model, spec.tokenizer, out)

@@ -122,7 +122,7 @@ def _shared_store(out: Path, tree: dict[str, Any], corpus: list[str] | None, sto
     from lmobjectives.store.prepare import prepare_store
     from lmobjectives.store.store import TokenStore
     from lmobjectives.tokenizer import tokenizer_fingerprint
-    from lmobjectives.train.setup import resolve_tokenizer
+    from lmobjectives.spec import resolve_tokenizer
 
     if store is not None:
         TokenStore(store)  # a clear error now if it is not a store
@@ -178,7 +178,7 @@ def _store_summary(store_path: str) -> dict[str, Any]:
 def train_or_reuse(cfg: RunConfig, *, overwrite: bool, progress: bool,
                    say: Callable[[str], None]) -> str:
     """Train ``cfg`` into ``cfg.out``, reusing a finished matching run, resuming a started one."""
-    from lmobjectives.train.api import train
+    from lmobjectives.train.job import train
 
     run_dir = Path(cfg.out)
     start_over = False
@@ -316,7 +316,7 @@ def compare(
     from lmobjectives.report.compare import write_report
     from lmobjectives.tokenizer import load_tokenizer
     from lmobjectives.tokenizer.special import SpecialIds
-    from lmobjectives.train.setup import select_device
+    from lmobjectives.runtime import select_device
 
     if corpus and store:
         raise UserError("pass --corpus or --data, not both")

@@ -196,7 +196,8 @@ def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
     timed for every run back to back on the same machine, so the runs' own logs, written
     at different times under different machine load, are not what is compared."""
     from lmobjectives.data.converters import CONVERTERS
-    from lmobjectives.train.module import StandardModule, to_torch
+    from lmobjectives.runtime import to_torch
+    from lmobjectives.step import StandardModule
 
     rows = bench.rows_of(s.transform.row_length(bench.seq_len))
     module = StandardModule(s.model, s.architecture)

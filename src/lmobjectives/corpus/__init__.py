@@ -8,15 +8,14 @@ from lmobjectives.corpus.default import (
     default_corpus_paths,
     is_default_spec,
 )
+from lmobjectives.corpus.paths import file_fingerprints, resolve_files
 from lmobjectives.corpus.readers import (
     ENCODING_POLICIES,
     CorpusStats,
     Document,
     EncodingPolicy,
-    file_fingerprints,
     iter_documents,
     iter_texts,
-    resolve_files,
 )
 
 __all__ = [

@@ -38,29 +38,26 @@ dropped_empty=1, skipped_binary=1, plus one warning line for c.bin.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import zstandard
 
 from lmobjectives.corpus import default as default_corpus
+from lmobjectives.corpus.paths import as_list, reading_plan
+from lmobjectives.corpus.streams import first_bad_utf8, open_jsonl, split_lines
 from lmobjectives.errors import UserError
 
 EncodingPolicy = Literal["strict", "replace", "skip"]
 ENCODING_POLICIES: tuple[str, ...] = ("strict", "replace", "skip")
 # A NUL byte in the first 8 KiB marks a file as binary (the heuristic git uses, on 8000 bytes).
 BINARY_SNIFF_BYTES = 8192
-_CHUNK_BYTES = 1 << 20
-_GLOB_CHARS = frozenset("*?[")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -88,94 +85,6 @@ class CorpusStats:
 
 def _print_warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _as_list(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
-    # A bare string would otherwise be iterated character by character.
-    if isinstance(paths, (str, os.PathLike)):
-        return [os.fspath(paths)]
-    return [os.fspath(p) for p in paths]
-
-
-def _walk(root: Path) -> list[Path]:
-    real_root = root.resolve()
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):  # never follows directory symlinks
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            # Keep corpus reads inside the directory the user named.
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                continue
-            if path.is_file():
-                found.append(path)
-    return sorted(found)
-
-
-def _expand(arg: str) -> list[Path]:
-    if default_corpus.is_default_spec(arg):
-        parts = default_corpus.parse_default_spec(arg)
-        return default_corpus.default_code_files() if default_corpus.CODE in parts else []
-    if _GLOB_CHARS.intersection(arg):
-        matches = sorted(glob(arg, recursive=True))
-        if not matches:
-            raise UserError(f"corpus pattern {arg!r} matches no files")
-        out: list[Path] = []
-        for m in matches:
-            p = Path(m)
-            out.extend(_walk(p) if p.is_dir() else [p] if p.is_file() else [])
-        if not out:
-            raise UserError(f"corpus pattern {arg!r} matches only empty directories")
-        return out
-    path = Path(arg)
-    if not path.exists():
-        raise UserError(f"corpus path {arg!r} does not exist")
-    if path.is_dir():
-        files = _walk(path)
-        if not files:
-            raise UserError(f"corpus directory {arg!r} contains no files")
-        return files
-    return [path]
-
-
-def resolve_files(paths: Sequence[str | os.PathLike[str]] | str) -> list[Path]:
-    """The files a list of corpus arguments names (see module docstring for the rules).
-
-    The default corpus contributes its code files; its prose part has no files (it is a
-    module attribute) and is covered by `file_fingerprints` instead.
-    """
-    return [p for kind, p in _reading_plan(_as_list(paths)) if kind == "file"]  # type: ignore[misc]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str) -> dict[str, str]:
-    """`{path: sha256 of its bytes}` for every corpus file, in reading order.
-
-    A default-corpus spec contributes one entry per part instead of one per file:
-    `"default:prose"` and/or `"default:code"`, each the part fingerprint of `corpus.default`.
-    """
-    out: dict[str, str] = {}
-    plain: list[str] = []
-    for arg in _as_list(paths):
-        if default_corpus.is_default_spec(arg):
-            out.update(default_corpus.part_fingerprints(default_corpus.parse_default_spec(arg)))
-        else:
-            plain.append(arg)
-    if plain:
-        for p in resolve_files(plain):
-            out[str(p)] = _sha256_file(p)
-    if not out:
-        raise UserError("no corpus paths given")
-    return out
 
 
 class _Reader:
@@ -240,7 +149,7 @@ class _Reader:
         text = self.decode(data[bom:], str(path), base_offset=bom)
         if text is None:
             self.stats.skipped_undecodable += 1
-            offset = bom + _first_bad_utf8(data[bom:])
+            offset = bom + first_bad_utf8(data[bom:])
             self.warn(f"{path}: invalid UTF-8 at byte offset {offset}; skipped (encoding policy 'skip')")
             return
         yield from self.emit(text, str(path))
@@ -249,7 +158,7 @@ class _Reader:
 
     def read_jsonl(self, path: Path) -> Iterator[Document]:
         try:
-            with _open_jsonl(path) as f:
+            with open_jsonl(path) as f:
                 yield from self._jsonl_rows(path, f)
         except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
             raise UserError(f"{path}: cannot read file: unreadable, truncated or corrupt ({exc})") from None
@@ -263,7 +172,7 @@ class _Reader:
         first_bad: dict[str, tuple[int, str]] = {}
         counts = {"undecodable": 0, "malformed": 0}
         offset = 0
-        for lineno, raw in enumerate(_split_lines(head, f), start=1):
+        for lineno, raw in enumerate(split_lines(head, f), start=1):
             line_offset, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
@@ -283,7 +192,7 @@ class _Reader:
         """(text, None) for a good row, ("", (kind, detail)) for a row to skip."""
         line = self.decode(raw, where, base_offset=line_offset)
         if line is None:
-            return "", ("undecodable", f"invalid UTF-8 at byte offset {line_offset + _first_bad_utf8(raw)}")
+            return "", ("undecodable", f"invalid UTF-8 at byte offset {line_offset + first_bad_utf8(raw)}")
         try:
             row = json.loads(line)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -346,88 +255,13 @@ class _Reader:
                 text = self.decode(value, where)
                 if text is None:
                     skipped += 1
-                    first_bad = first_bad or (row, _first_bad_utf8(value))
+                    first_bad = first_bad or (row, first_bad_utf8(value))
                     continue
                 yield from self.emit(text, where)
         self.stats.skipped_undecodable += skipped
         if first_bad:
             self.warn(f"{path}: skipped {skipped} undecodable row(s); first at row {first_bad[0]}: "
                       f"invalid UTF-8 at byte offset {first_bad[1]} of the value")
-
-
-def _first_bad_utf8(data: bytes) -> int:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start
-    return len(data)
-
-
-class _ZstdReader:
-    """Minimal binary reader over a .zst file that, unlike zstandard's stream reader, reports
-    truncation: every frame must reach its end marker. Frames may follow one another."""
-
-    def __init__(self, path: Path):
-        self._file = open(path, "rb")
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-        self._in_frame = False
-        self._buffer = b""
-
-    def read(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            compressed = self._file.read(_CHUNK_BYTES)
-            if not compressed:
-                if self._in_frame:
-                    raise EOFError("zstd stream ends in the middle of a frame (truncated file)")
-                break
-            while compressed:
-                if self._obj.eof:
-                    self._obj = self._dctx.decompressobj()
-                self._in_frame = True
-                self._buffer += self._obj.decompress(compressed)
-                compressed = self._obj.unused_data if self._obj.eof else b""
-                self._in_frame = not self._obj.eof
-        out, self._buffer = self._buffer[:size], self._buffer[size:]
-        return out
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "_ZstdReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _open_jsonl(path: Path) -> BinaryIO:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".zst"):
-        return _ZstdReader(path)  # type: ignore[return-value]
-    return open(path, "rb")
-
-
-def _split_lines(head: bytes, f: BinaryIO) -> Iterator[bytes]:
-    """Lines (with their b"\\n") of `head` followed by the rest of `f`, read in 1 MiB chunks.
-
-    Pieces of an unfinished line are joined once, when it ends, so a huge line costs O(n).
-    """
-    pending: list[bytes] = []
-    chunk = head
-    while chunk:
-        parts = chunk.split(b"\n")
-        for part in parts[:-1]:
-            pending.append(part + b"\n")
-            yield b"".join(pending)
-            pending = []
-        if parts[-1]:
-            pending.append(parts[-1])
-        chunk = f.read(_CHUNK_BYTES)
-    if pending:
-        yield b"".join(pending)
 
 
 def _file_format(path: Path) -> str:
@@ -456,7 +290,7 @@ def iter_documents(
         raise UserError(f"encoding policy must be one of {', '.join(ENCODING_POLICIES)}, not {encoding!r}")
     stats = stats if stats is not None else CorpusStats()
     reader = _Reader(encoding, text_field, warn, stats)
-    for kind, path in _reading_plan(_as_list(paths)):
+    for kind, path in reading_plan(as_list(paths)):
         if kind == "prose":
             for name, text in default_corpus.default_prose_topics():
                 yield from reader.emit(text, default_corpus.PROSE_SOURCE_PREFIX + name)
@@ -471,26 +305,6 @@ def iter_documents(
             yield from reader.read_plain(path)
     if stats.documents == 0:
         raise UserError(_why_empty(stats))
-
-
-def _reading_plan(args: list[str]) -> list[tuple[str, Path | None]]:
-    """("prose", None) and ("file", path) steps in argument order; every path checked up front,
-    so a typo in the last argument fails before any reading."""
-    if not args:
-        raise UserError("no corpus paths given")
-    plan: list[tuple[str, Path | None]] = []
-    seen: set[Path] = set()
-    prose_done = False
-    for arg in args:
-        if (default_corpus.is_default_spec(arg) and not prose_done
-                and default_corpus.PROSE in default_corpus.parse_default_spec(arg)):
-            plan.append(("prose", None))
-            prose_done = True
-        for p in _expand(arg):
-            if (key := p.resolve()) not in seen:
-                seen.add(key)
-                plan.append(("file", p))
-    return plan
 
 
 def _why_empty(stats: CorpusStats) -> str:

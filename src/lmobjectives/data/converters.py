@@ -128,11 +128,3 @@ CONVERTERS: dict[str, Callable[[Features, SpecialIds], Batch]] = {
     "encoder": to_encoder,
     "encoder_decoder": to_encoder_decoder,
 }
-
-
-def count_targets(batch: Batch, architecture: str) -> int:
-    """Number of scored target tokens, after the causal shift where there is one."""
-    labels = batch["labels"]
-    if CAUSAL_SHIFT[architecture]:
-        labels = labels[:, 1:]
-    return int((labels != IGNORE).sum())

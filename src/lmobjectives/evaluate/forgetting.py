@@ -152,19 +152,11 @@ def score(model: _Model, table, n_docs: int, row_len: int, batch_size: int) -> d
 # ------------------------------------------------------------------------------ report
 def default_datasets(run_dir: Path) -> dict[str, str]:
     """The run's own training sources (their stores), when no --data is given."""
-    from lmobjectives.train.setup import read_run_info
+    from lmobjectives.rundir import read_run_info, recorded_path
 
-    out = {}
     out_key = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("out")
-    for name, s in read_run_info(run_dir).get("sources", {}).items():
-        path = Path(s["path"])
-        if not path.exists() and out_key and not path.is_absolute():
-            try:  # recorded relative to where training ran: re-anchor on the run directory
-                path = run_dir / path.relative_to(out_key)
-            except ValueError:
-                pass
-        out[name] = str(path)
-    return out
+    return {name: str(recorded_path(run_dir, out_key, s["path"]))
+            for name, s in read_run_info(run_dir).get("sources", {}).items()}
 
 
 def forgetting_report(run_dir: str | Path, datasets: dict[str, str], baseline: str | Path | None = None, *,
@@ -172,7 +164,7 @@ def forgetting_report(run_dir: str | Path, datasets: dict[str, str], baseline: s
                       chart: bool = True) -> dict[str, Any]:
     """Bits-per-byte of a run (and a baseline) per dataset; writes ``forgetting.json`` and
     ``forgetting.png`` into the run directory."""
-    from lmobjectives.train.setup import select_device, use_bf16
+    from lmobjectives.runtime import select_device, use_bf16
 
     run_dir = Path(run_dir)
     conf = run_dir / "config.yaml"

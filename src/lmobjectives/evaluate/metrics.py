@@ -19,7 +19,8 @@ from lmobjectives.loss import IGNORE
 from lmobjectives.objectives.base import Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.data.converters import to_decoder
-from lmobjectives.train.module import StandardModule, TrainModule, to_torch
+from lmobjectives.runtime import to_torch
+from lmobjectives.step import StandardModule, TrainModule
 
 EVAL_SEED = 1234  # objectives' randomness on validation rows: fixed, so evals compare across steps
 LEFT_TO_RIGHT = ("decoder", "prefix_lm")
@@ -51,17 +52,19 @@ def val_batches(source: PackedSource, batch_size: int, n_batches: int) -> list[R
 
 
 @torch.no_grad()
-def objective_eval(run, rows_list: list[Rows], module: TrainModule | None = None) -> dict[str, Any]:  # noqa: ANN001
-    module = module or run.module
+def objective_eval(spec, rows_list: list[Rows], module: TrainModule,  # noqa: ANN001 - spec.RunSpec
+                   device: torch.device) -> dict[str, Any]:
+    """The objective's loss and top-1 accuracy on ``rows_list`` (its features drawn with a
+    fixed seed per batch), scored by ``module`` (the model with its loss, ``step/``)."""
     nll = correct = count = 0.0
     was_training = module.model.training
     module.model.eval()
     try:
         for i, rows in enumerate(rows_list):
-            features = run.objective(rows, np.random.default_rng([EVAL_SEED, i]))
-            batch = run.converter(features, run.specials)
+            features = spec.objective(rows, np.random.default_rng([EVAL_SEED, i]))
+            batch = spec.converter(features, spec.specials)
             n = module.counts(batch)
-            out = module.forward_backward(to_torch(batch, run.device),
+            out = module.forward_backward(to_torch(batch, device),
                                           torch.as_tensor(n, dtype=torch.float32), backward=False)
             nll += float(out["nll"][0])
             correct += float(out["correct"][0])
@@ -111,3 +114,13 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
     if per_pos is not None:
         out["loss_by_position"] = per_pos.result()
     return out
+
+
+def left_to_right_bpb(spec, model: torch.nn.Module, rows_list: list[Rows], device: torch.device,  # noqa: ANN001
+                      bf16: bool = False) -> dict[str, Any] | None:
+    """Bits-per-byte (and loss by position) of a run's model on plain-text rows, for the
+    architectures that score text left to right; None for the others."""
+    if spec.architecture not in LEFT_TO_RIGHT:
+        return None
+    return bits_per_byte(model, rows_list, spec.specials, token_byte_lengths(spec.tokenizer),
+                         device, bf16, by_position=True)

@@ -4,14 +4,20 @@ single-line infilling exact match for FIM/CLM decoders (``evaluate/infill.py``).
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmobjectives.data.loader import PackedSource
 from lmobjectives.errors import UserError
-from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
-                                           token_byte_lengths, val_batches)
 from lmobjectives.evaluate.infill import DEFAULT_SAMPLES, document_texts, infill_exact_match
+from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
+from lmobjectives.runtime import select_device, use_bf16
+from lmobjectives.spec import RunSpec, open_spec
+from lmobjectives.step import step_module
+from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore
+from lmobjectives.tokenizer import tokenizer_fingerprint
 
 # Decoder objectives whose runs get the infilling metric: FIM, and CLM as its baseline.
 INFILL_OBJECTIVES = ("fim", "clm")
@@ -22,57 +28,52 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     """Evaluate a run's final model on its validation split, or on ``data`` (a store or a
     corpus, prepared on the fly with the run's tokenizer). Decoders trained with FIM or CLM
     also get single-line ``infill_exact_match`` on ``infill_samples`` held-out lines."""
-    from lmobjectives.data.loader import PackedSource
     from lmobjectives.infer.load import load_model
-    from lmobjectives.train.api import load_run_config
-    from lmobjectives.train.setup import open_run
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    spec = open_spec(run_dir)  # no model built: the final one is loaded below
+    cfg = spec.cfg
     loaded = load_model(run_dir)
-    run = open_run(cfg, run_dir, progress=False)
-    run.model = loaded.model.to(run.device)
-    run.module.model = run.model
-    if data is not None:
-        if (Path(data) / "manifest.json").is_file():
-            store = TokenStore(data)
-        else:
-            import tempfile
-
-            from lmobjectives.store.prepare import prepare_store
-
-            tmp = Path(tempfile.mkdtemp(prefix="lmobj-eval-"))
-            store = prepare_store([data], run.tokenizer, tmp / "store", val_fraction=0.0, progress=False)
-        from lmobjectives.tokenizer import tokenizer_fingerprint
-
-        store.check_tokenizer(tokenizer_fingerprint(run.tokenizer), f"the tokenizer of run {run_dir}")
-        split = "val" if data is not None and len(store.split("val").docs) else "train"
-        table = store.split(split)
-        source = PackedSource(table, run.row_length, seed=0, pad=run.specials.pad, shuffle=False)
-    else:
-        source = run.val_source()
-        table = run.sources[0].store.split("val")
-        if source is None:
-            raise UserError(f"run {run_dir} has no validation split; pass --data")
+    device = select_device()
+    bf16 = use_bf16(cfg.model.precision, device)
+    model = loaded.model.to(device)
+    source, table = _eval_source(spec, run_dir, data)
     rows = val_batches(source, cfg.train.batch_size, n_batches)
-    out = objective_eval(run, rows)
+    out = objective_eval(spec, rows, step_module(model, spec.objective, spec.architecture, bf16), device)
     # An MLM's targets are the masked tokens only: say so in the name of its accuracy.
     accuracy_key = "masked_accuracy" if cfg.objective == "mlm" else "accuracy"
     res: dict[str, Any] = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50)),
                            accuracy_key: out["accuracy"], "tokens": out["targets"]}
-    if run.architecture in LEFT_TO_RIGHT:
-        bpb = bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                            run.device, run.bf16, by_position=True)
+    bpb = left_to_right_bpb(spec, model, rows, device, bf16)
+    if bpb is not None:
         res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"],
                     "loss_by_position": bpb["loss_by_position"]})
     else:
         res.update({"bits_per_byte": None, "bytes": None,
-                    "bits_per_byte_reason": NO_BPB_REASON[run.architecture]})
-    if run.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
-        docs = document_texts(table, run.tokenizer, run.specials.eos)
+                    "bits_per_byte_reason": NO_BPB_REASON[spec.architecture]})
+    if spec.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
+        docs = document_texts(table, spec.tokenizer, spec.specials.eos)
         em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)
         res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})
     return res
+
+
+def _eval_source(spec: RunSpec, run_dir: Path, data: str | None) -> tuple[PackedSource, Any]:
+    """The rows to score: the run's validation split, or ``data`` (a store, or a corpus
+    prepared on the fly with the run's tokenizer); with the document table they come from."""
+    if data is None:
+        source = spec.val_source()
+        if source is None:
+            raise UserError(f"run {run_dir} has no validation split; pass --data")
+        return source, spec.sources[0].store.split("val")
+    if (Path(data) / "manifest.json").is_file():
+        store = TokenStore(data)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="lmobj-eval-"))
+        store = prepare_store([data], spec.tokenizer, tmp / "store", val_fraction=0.0, progress=False)
+    store.check_tokenizer(tokenizer_fingerprint(spec.tokenizer), f"the tokenizer of run {run_dir}")
+    table = store.split("val" if len(store.split("val").docs) else "train")
+    return PackedSource(table, spec.row_length, seed=0, pad=spec.specials.pad, shuffle=False), table
 
 
 # Why bits-per-byte is not reported: it needs p(text) scored token by token, left to right.

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from lmobjectives.errors import UserError
 from lmobjectives.models.mtp import HEADS_JSON, load_heads
+from lmobjectives.models.presets import auto_class
+from lmobjectives.rundir import model_dir
 from lmobjectives.tokenizer import load_tokenizer
 from lmobjectives.tokenizer.special import SpecialIds
 
@@ -23,18 +24,6 @@ class Loaded:
     architecture: str
     path: Path
     run_dir: Path | None
-
-
-def model_dir(path: str | Path) -> tuple[Path, Path | None]:
-    p = Path(path)
-    if (p / "final" / "config.json").is_file():
-        return p / "final", p
-    if (p / "config.json").is_file():
-        return p, None
-    if (p / "run.json").is_file():
-        raise UserError(f"run {p} has no final/ model yet; finish it (lmobj train --resume {p}) "
-                        "or export a checkpoint with `lmobj export`")
-    raise UserError(f"{p} is neither a run directory nor an HF model directory")
 
 
 def load_model(path: str | Path) -> Loaded:
@@ -54,8 +43,7 @@ def load_model(path: str | Path) -> Loaded:
             architecture = "encoder"
         else:
             architecture = "decoder"
-    auto = {"decoder": tf.AutoModelForCausalLM, "prefix_lm": tf.AutoModelForCausalLM,
-            "encoder": tf.AutoModelForMaskedLM, "encoder_decoder": tf.AutoModelForSeq2SeqLM}[architecture]
+    auto = auto_class(architecture)
     # A prefix LM needs sdpa, the attention that honours its boolean 4-D mask (data/converters.py).
     attn = "sdpa" if architecture == "prefix_lm" else None
     model = auto.from_pretrained(str(mdir), trust_remote_code=False, dtype=torch.float32,

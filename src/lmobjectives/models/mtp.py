@@ -1,5 +1,5 @@
 """Multi-token prediction heads around an HF ``LlamaForCausalLM``. Returns hidden states and
-logits; the loss lives in ``train/mtp_module.py``.
+logits; the loss lives in ``step/mtp.py``.
 
 Two designs (``MTPSpec.head_design``):
 

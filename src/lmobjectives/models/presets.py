@@ -110,3 +110,15 @@ def build_model(preset: str, architecture: str, specials: SpecialIds, max_positi
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# The transformers auto class that loads each architecture's model from a directory.
+AUTO_CLASS_NAMES = {"decoder": "AutoModelForCausalLM", "prefix_lm": "AutoModelForCausalLM",
+                    "encoder": "AutoModelForMaskedLM", "encoder_decoder": "AutoModelForSeq2SeqLM"}
+
+
+def auto_class(architecture: str) -> Any:
+    """``transformers.AutoModelFor...`` for ``architecture`` (imported on first use)."""
+    import transformers as tf
+
+    return getattr(tf, AUTO_CLASS_NAMES[architecture])

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError):
-            continue  # a line cut by a crash (or damaged)
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+from lmobjectives.rundir import read_metrics
 
 
 def save_figure(fig, path: Path) -> None:  # noqa: ANN001

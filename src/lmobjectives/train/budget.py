@@ -76,6 +76,7 @@ class StepPlan:
     replans: int = 0
     processes: int = 1
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
+    _tick: float | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ planning
     def reserve(self) -> float:
@@ -108,6 +109,14 @@ class StepPlan:
     def observe_step(self, seconds: float) -> None:
         self.step_s += STEP_TIME_SMOOTHING * (seconds - self.step_s)
 
+    def end_iteration(self, aside: float) -> None:
+        """One loop iteration ended: its time since the last one, less ``aside`` (evaluation
+        and checkpoint, measured apart), is one step's."""
+        now = time.perf_counter()
+        if self._tick is not None:
+            self.observe_step(now - self._tick - aside)
+        self._tick = now
+
     def observe_eval(self, seconds: float) -> None:
         self.eval_s = max(self.eval_s, seconds)
 
@@ -132,6 +141,16 @@ class StepPlan:
             self.decay_start = step
         return self.total
 
+    def replan_agreed(self, step: int, train: Any, world_size: int) -> int:
+        """``replan`` with ``train``'s cadence; several processes take rank 0's plan, so
+        that they all stop at the same step."""
+        total = self.replan(step, train.eval_every, train.checkpoint_every)
+        if world_size > 1:
+            from lmobjectives.runtime import broadcast_object
+
+            self.total, self.decay_start = broadcast_object((total, self.decay_start))
+        return self.total
+
     # ------------------------------------------------------------------ schedule
     def lr(self, step: int, peak: float, min_ratio: float) -> float:
         """The learning rate of step ``step`` (0-based) under the current plan."""
@@ -148,7 +167,7 @@ class StepPlan:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps: the plan, and the budget time spent so far."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("deadline", "clock")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("deadline", "clock", "_tick")}
         out["spent_s"] = self.budget_s - self.seconds_left()
         return out
 

@@ -210,8 +210,8 @@ def first_plan(cfg: RunConfig, record: dict[str, Any] | None, deadline: float, b
 def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> None:
     """Tokenizer and token stores of the run, made before calibration so that it times only
     optimizer steps."""
+    from lmobjectives.spec import resolve_sources, resolve_tokenizer
     from lmobjectives.train.continual import resolve_init
-    from lmobjectives.train.setup import resolve_sources, resolve_tokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg, _ = resolve_init(cfg)
@@ -239,8 +239,8 @@ def timed_setup(cfg: RunConfig, run_dir: Path, world: Any, started_at: float,
 def start_plan(trainer: Any, run_dir: Path, record: dict[str, Any] | None, started_at: float) -> None:
     """Give ``trainer`` (a ``train.loop.Trainer``) its step plan: the one its checkpoint
     holds, else a new one seeded by calibration; several processes take rank 0's."""
+    from lmobjectives.rundir import read_run_info
     from lmobjectives.train.distributed import broadcast_object
-    from lmobjectives.train.setup import read_run_info
 
     cfg = trainer.cfg
     budget_s = parse_duration(cfg.train.time)

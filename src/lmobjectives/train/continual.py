@@ -34,7 +34,7 @@ import yaml
 
 from lmobjectives.config import RunConfig
 from lmobjectives.errors import UserError
-from lmobjectives.store.store import TokenStore
+from lmobjectives.rundir import init_dir
 
 
 # ------------------------------------------------------------------------------ sources
@@ -104,41 +104,6 @@ def describe_source(model_dir: Path) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------ data
-def parse_mix(items: list[str]) -> list[dict[str, Any]]:
-    """``PATH=WEIGHT`` strings (``--mix``) -> ``data.mix`` entries."""
-    out = []
-    for item in items:
-        path, sep, weight = item.rpartition("=")
-        if not sep or not path:
-            raise UserError(f"--mix takes PATH=WEIGHT (e.g. --mix domain/=0.8), got '{item}'")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise UserError(f"--mix {item}: weight '{weight}' is not a number") from None
-        if not w > 0:
-            raise UserError(f"--mix {item}: weight must be positive")
-        out.append({"path": path, "weight": w})
-    return out
-
-
-def check_store_tokenizer(store: TokenStore, fingerprint: str, tokenizer_from: str) -> None:
-    """Refuse a store made with another tokenizer, saying how to fix it."""
-    if store.tokenizer_fingerprint == fingerprint:
-        return
-    corpus = store.manifest.get("corpus") or ["CORPUS"]
-    tok_arg = "" if tokenizer_from == "default" else f" --tokenizer {tokenizer_from}"
-    redo = " ".join(f"--corpus {c}" for c in corpus)
-    raise UserError(
-        f"store {store.path} was made with a different tokenizer (fingerprint "
-        f"{store.tokenizer_fingerprint[:12]}) than this run's ({fingerprint[:12]}, from "
-        f"{tokenizer_from}). Fix: re-tokenize it with `lmobj prepare {redo}{tok_arg} "
-        f"--out {str(store.path).rstrip('/')}-retok`, or give the corpus itself instead of the "
-        f"store; if the store's tokenizer is the one you mean to train with, pass "
-        f"--tokenizer {store.path / 'tokenizer'}")
-
-
-# ------------------------------------------------------------------------------ model
 def has_rope(config) -> bool:  # noqa: ANN001 - transformers config
     params = getattr(config, "rope_parameters", None)
     return isinstance(params, dict) and "rope_theta" in params
@@ -166,8 +131,6 @@ def fit_context(config, positions: int, rope_theta: float | None) -> None:  # no
 def precheck_context(cfg: RunConfig) -> None:
     """Refuse a context the source model cannot take before anything is written."""
     import transformers as tf
-
-    from lmobjectives.train.setup import init_dir
 
     src = init_dir(cfg.model.init_from)
     try:

@@ -25,7 +25,7 @@ Trade-offs: DDP keeps whole weights and optimizer state on every rank (simple; i
 is the single-process one, written by rank 0), and skips gradient sync on the micro-batches
 before the last of a step. FSDP2 shards weights, gradients and optimizer state (memory per
 rank falls as 1/W) for an all-gather per block in forward and backward, a reduce-scatter per
-micro-batch (gradients stay sharded), and sharded DCP checkpoints (``train/sharded.py``).
+micro-batch (gradients stay sharded), and sharded DCP checkpoints (``checkpoint/sharded.py``).
 
 Failures: a rank that fails posts ``rank R: message`` in the rendezvous store and in the
 error file torchrun reads, then exits; the other ranks' next collective fails, they find the
@@ -50,9 +50,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lmobjectives.errors import UserError
+from lmobjectives.runtime import barrier, broadcast_object, gather_objects
 
 if TYPE_CHECKING:
-    from lmobjectives.train.module import TrainModule
+    from lmobjectives.step import TrainModule
     from lmobjectives.train.setup import Run
 
 FAILURE_KEY = "lmobj/failure"
@@ -111,33 +112,6 @@ def init_world() -> World:
                  owns_group=owns, store=store)
 
 
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if _active():
-        dist.barrier()
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank."""
-    if not _active():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def agree_on_checkpoint(path: Path | None) -> Path | None:
     """Rank 0's choice of checkpoint, checked to be visible on every rank."""
     path = broadcast_object(path)
@@ -171,7 +145,7 @@ def parallelize(run: "Run", world: World) -> None:
     if run.cfg.distributed.strategy == "fsdp":
         shard_model(run.model, bf16=run.bf16)
     else:
-        run.module = DataParallelModule(run.module, run.device)
+        run.model_with_loss = DataParallelModule(run.model_with_loss, run.device)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -12,47 +12,31 @@ which is also what makes resume exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import sys
+import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load_checkpoint,
-                                     read_checkpoint_state, save_checkpoint)
+from lmobjectives.checkpoint import (clean_leftovers, is_sharded_checkpoint, list_checkpoints, load,
+                                     read_checkpoint_state, save_checkpoint, save_sharded)
 from lmobjectives.errors import UserError
 from lmobjectives.train.budget import StepPlan
-from lmobjectives.train.distributed import (agree_on_checkpoint, barrier, broadcast_object,
-                                            reshard_loader_state)
-from lmobjectives.train.module import to_torch
+from lmobjectives.train.distributed import agree_on_checkpoint, barrier, reshard_loader_state
 from lmobjectives.train.preflight import check_batch, preflight
-from lmobjectives.train.schedule import lr_at
-from lmobjectives.train.setup import Run, config_hash
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms and biases (1-D parameters) do not."""
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+from lmobjectives.train.guards import GuardState
+from lmobjectives.train.schedule import build_optimizer, lr_at
+from lmobjectives.rundir import config_hash, truncate_metrics
+from lmobjectives.runtime import to_torch
+from lmobjectives.train.setup import Run
 
 
 def batch_rng(seed: int, global_index: int) -> np.random.Generator:
@@ -64,27 +48,12 @@ def make_batch(run: Run, rows, global_index: int) -> dict[str, np.ndarray]:
     return run.converter(features, run.specials)
 
 
-@dataclass
-class GuardState:
-    bad_in_row: int = 0
-    recent: deque = field(default_factory=lambda: deque(maxlen=50))
-
-    def spike(self, loss: float, zscore: float) -> float | None:
-        """z-score of ``loss`` against the recent window, when the window is full enough."""
-        if len(self.recent) < min(10, self.recent.maxlen):
-            return None
-        arr = np.asarray(self.recent)
-        std = float(arr.std())
-        z = (loss - float(arr.mean())) / max(std, 1e-6)
-        return z if z > zscore else None
-
-
 class Stop(Exception):
     """Raised inside the loop to end the run early, cleanly (a signal)."""
 
 
 class Trainer:
-    def __init__(self, run: Run, *, progress: bool = True, ddp_model: torch.nn.Module | None = None) -> None:
+    def __init__(self, run: Run, *, progress: bool = True) -> None:
         self.run = run
         self.cfg = run.cfg
         self.embedding_rows = preflight(run)  # vocab/data mismatches end here, before step 1
@@ -127,13 +96,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint: rank 0 alone for full weights (one process, DDP), every rank its
-        shards for FSDP (``train/sharded.py``)."""
+        shards for FSDP (``checkpoint/sharded.py``)."""
         rng = {"torch": torch.get_rng_state()}
         sched = {"step": self.step, "schedule": self.cfg.train.schedule,
                  "peak_lr": self.cfg.train.lr, "warmup": self.warmup}
         if self.run.sharded:
-            from lmobjectives.train.sharded import save_sharded
-
             return save_sharded(self.run.dir, self.step, self.run.model, self.optimizer, sched,
                                 self.state(), rng, rank=self.run.rank, keep=self.cfg.train.keep_checkpoints)
         if self.run.rank != 0:
@@ -183,14 +150,11 @@ class Trainer:
                     f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * self.run.world_size} rows)")
             loader_state, self.reshard_note = reshard_loader_state(loader_state, saved_world,
                                                                    self.run.world_size)
-        from lmobjectives.train.sharded import is_sharded_checkpoint, load_sharded
-
         if is_sharded_checkpoint(path) != self.run.sharded:
             kinds = ("full (ddp or one process)", "sharded (fsdp)")
             raise UserError(f"{path.name} is a {kinds[is_sharded_checkpoint(path)]} checkpoint but this "
                             f"run's strategy is {self.cfg.distributed.strategy}; resume with the "
                             "strategy that wrote it")
-        load = load_sharded if self.run.sharded else load_checkpoint
         _state, _sched, rng = load(path, self.run.model, self.optimizer)
         step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
         counter, guard = loader_state["counter"], state["guard"]
@@ -212,20 +176,7 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-        if not self.metrics_path.is_file():
-            return
-        keep = []
-        for line in self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):
-                continue  # a line cut by a crash (or damaged)
-            step = rec.get("step", 0) if isinstance(rec, dict) else None
-            if isinstance(step, int) and step <= self.step:
-                keep.append(line)
-        from lmobjectives.util import atomic_write_bytes
-
-        atomic_write_bytes(self.metrics_path, ("\n".join(keep) + "\n" if keep else "").encode())
+        truncate_metrics(self.metrics_path, self.step)
 
     # ---------------------------------------------------------------- logging
     def log(self, record: dict[str, Any]) -> None:
@@ -241,100 +192,143 @@ class Trainer:
         return t
 
     def train_step(self) -> dict[str, Any]:
-        run, t = self.run, self.cfg.train
+        """One optimizer step over ``grad_accum`` micro-batches; returns its train record."""
+        micro = self._fetch()
+        totals = self._count(micro)
+        lr = self._begin(self.total_steps)
+        nll, correct = self._forward_backward(micro, totals)
+        nll, correct, real_by_source = self._reduce_stats(nll, correct, micro)
+        hook = self._update_hook()
+        if hook is not None:
+            hook.before_clip()  # pre-update hook: e.g. new embedding rows only
+        grad_norm = self._clip()
+        record = self._record(nll, correct, totals, lr, grad_norm)
+        if hook is not None:
+            record["update"] = "new_rows_only"
+        skip = self._guard(record)
+        if skip is None:
+            self.optimizer.step()
+            if hook is not None:
+                hook.after_step()  # post-update hook
+        else:
+            record["skipped"] = skip
+        self.optimizer.zero_grad(set_to_none=True)
+        self._account(micro, real_by_source, totals, record)
+        return record
+
+    def _fetch(self) -> list[tuple[dict[str, np.ndarray], Any, Any]]:
+        """The step's micro-batches: (batch, rows, source index per row)."""
         micro = []
-        for _ in range(t.grad_accum):
+        for _ in range(self.cfg.train.grad_accum):
             g = self.loader.counter * self.loader.world_size + self.loader.rank
             rows, src = next(self.loader)
-            batch = make_batch(run, rows, g)
+            batch = make_batch(self.run, rows, g)
             check_batch(batch, self.embedding_rows, self.step + 1)
             micro.append((batch, rows, src))
-        counts = sum(run.module.counts(b) for b, _, _ in micro)
-        totals = self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=run.device))
+        return micro
+
+    def _count(self, micro: list) -> torch.Tensor:
+        """Scored tokens per loss term in the whole step, over every rank."""
+        counts = sum(self.run.model_with_loss.counts(b) for b, _, _ in micro)
+        return self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=self.run.device))
+
+    def _begin(self, total_steps: int) -> float:
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        begin = getattr(run.module, "begin_step", None)  # modules with a scheduled loss weight
+        begin = getattr(self.run.model_with_loss, "begin_step", None)  # a scheduled loss weight
         if begin is not None:
-            begin(self.step, self.total_steps)
-        nll = torch.zeros(len(run.module.terms), dtype=torch.float64, device=run.device)
+            begin(self.step, total_steps)
+        return lr
+
+    def _forward_backward(self, micro: list, totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of sum(loss / global count) over the micro-batches; (nll, correct) sums."""
+        with_loss = self.run.model_with_loss
+        nll = torch.zeros(len(with_loss.terms), dtype=torch.float64, device=self.run.device)
         correct = torch.zeros_like(nll)
         for i, (batch, _, _) in enumerate(micro):
-            tensors = to_torch(batch, run.device)
-            sync = getattr(run.module, "no_sync", None)
-            if sync is not None and i < len(micro) - 1:
-                with sync():
-                    out = run.module.forward_backward(tensors, totals.float())
-            else:
-                out = run.module.forward_backward(tensors, totals.float())
+            tensors = to_torch(batch, self.run.device)
+            sync = getattr(with_loss, "no_sync", None)  # DDP: all-reduce on the last one only
+            with sync() if sync is not None and i < len(micro) - 1 else contextlib.nullcontext():
+                out = with_loss.forward_backward(tensors, totals.float())
             nll += out["nll"].double()
             correct += out["correct"].double()
+        return nll, correct
+
+    def _reduce_stats(self, nll: torch.Tensor, correct: torch.Tensor,
+                      micro: list) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """One all-reduce carries the loss sums, the per-source token counts and the stop flag,
+        so that every rank logs the same numbers and stops at the same step."""
+        run = self.run
         real_by_source = np.zeros(len(run.sources))
         for _, rows, src in micro:
             np.add.at(real_by_source, np.asarray(src, dtype=np.int64),
                       (rows.tokens != run.specials.pad).sum(axis=1))
-        # One all-reduce carries the loss sums, the per-source token counts and the stop flag,
-        # so that every rank logs the same numbers and stops at the same step.
         n_terms = len(nll)
         stats = self._all_reduce(torch.cat([
             nll, correct, torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
             torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=run.device)]))
-        nll, correct = stats[:n_terms], stats[n_terms:2 * n_terms]
-        real_by_source = stats[2 * n_terms:-1].tolist()
         self._stop_agreed = bool(stats[-1] > 0)
+        return stats[:n_terms], stats[n_terms:2 * n_terms], stats[2 * n_terms:-1].tolist()
+
+    def _update_hook(self) -> Any:
+        """The run's update filter when it acts on this step (None otherwise)."""
+        f = self.run.update_filter
+        return f if f is not None and f.active(self.step) else None
+
+    def _clip(self) -> float:
+        clip = self.cfg.train.grad_clip
+        return float(torch.nn.utils.clip_grad_norm_(self.run.model.parameters(),
+                                                     clip if clip > 0 else float("inf")))
+
+    def _record(self, nll: torch.Tensor, correct: torch.Tensor, totals: torch.Tensor, lr: float,
+                grad_norm: float) -> dict[str, Any]:
+        terms = self.run.model_with_loss.terms
         per_term = (nll / totals.clamp(min=1)).tolist()
-        loss = per_term[0]
-        only = run.update_filter if run.update_filter is not None and run.update_filter.active(self.step) else None
-        if only is not None:
-            only.before_clip()  # e.g. new embedding rows only: other gradients dropped
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            run.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
-        record: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        record: dict[str, Any] = {"step": self.step + 1, "loss": per_term[0], "lr": lr,
+                                  "grad_norm": grad_norm}
         if len(per_term) > 1:
             # The first term is already "loss" / "accuracy".
-            record.update({f"{name}": v for name, v in zip(run.module.terms[1:], per_term[1:])})
+            record.update({f"{name}": v for name, v in zip(terms[1:], per_term[1:])})
             record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
-                           zip(run.module.terms[1:], correct.tolist()[1:], totals.tolist()[1:])})
+                           zip(terms[1:], correct.tolist()[1:], totals.tolist()[1:])})
         record["accuracy"] = float(correct[0] / max(float(totals[0]), 1))
-        if only is not None:
-            record["update"] = "new_rows_only"
-        skip = None
+        return record
+
+    def _guard(self, record: dict[str, Any]) -> str | None:
+        """Why this step's update is skipped (non-finite, spike), or None."""
+        t = self.cfg.train
+        loss, grad_norm = record["loss"], record["grad_norm"]
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            skip = "non-finite"
             self.guard.bad_in_row += 1
-        else:
-            self.guard.bad_in_row = 0
-            z = self.guard.spike(loss, t.spike_zscore)
-            if z is not None:
-                record["spike"] = round(z, 2)
-                if t.spike_action == "skip":
-                    skip = "spike"
-            if skip is None:
-                self.guard.recent.append(loss)
+            return "non-finite"
+        self.guard.bad_in_row = 0
+        skip = None
+        z = self.guard.spike(loss, t.spike_zscore)
+        if z is not None:
+            record["spike"] = round(z, 2)
+            if t.spike_action == "skip":
+                skip = "spike"
         if skip is None:
-            self.optimizer.step()
-            if only is not None:
-                only.after_step()
-        else:
-            record["skipped"] = skip
-        self.optimizer.zero_grad(set_to_none=True)
-        step_tokens = 0
+            self.guard.recent.append(loss)
+        return skip
+
+    def _account(self, micro: list, real_by_source: list[float], totals: torch.Tensor,
+                 record: dict[str, Any]) -> None:
+        """Advance step and token counts; end the run after too many bad steps in a row."""
+        run = self.run
         for i, source in enumerate(run.sources):
             self.tokens_by_source[source.name] += int(real_by_source[i])
-        for _, rows, _ in micro:
-            step_tokens += rows.tokens.size
-        step_tokens *= run.world_size
-        self.tokens += step_tokens
+        self.tokens += sum(rows.tokens.size for _, rows, _ in micro) * run.world_size
         self.step += 1
         record.update({"tokens": self.tokens, "targets": int(totals[0])})
         if len(run.sources) > 1:
             record["tokens_by_source"] = dict(self.tokens_by_source)
-        if self.guard.bad_in_row >= t.max_bad_steps:
+        if self.guard.bad_in_row >= self.cfg.train.max_bad_steps:
             self.log(record)
             raise UserError(f"stopped: non-finite loss or gradient {self.guard.bad_in_row} steps in a "
                             f"row (last at step {self.step}); lower --lr or check the data")
-        return record
 
     # ---------------------------------------------------------------- the loop
     def _handle_signal(self, signum, frame) -> None:  # noqa: ANN001
@@ -344,11 +338,9 @@ class Trainer:
         """Train to ``cfg.train.steps`` (a timed run: to its plan's re-planned total).
         ``evaluate()`` -> dict of eval metrics."""
         t = self.cfg.train
-        old = signal.signal(signal.SIGTERM, self._handle_signal) if self._main_thread() else None
         bar = self._bar()
         last: dict[str, Any] = {}
         try:
-            tick = time.perf_counter()
             while self.step < self.total_steps:
                 start, tokens_before = time.perf_counter(), self.tokens
                 record = self.train_step()
@@ -364,28 +356,9 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                     tok_s=f"{record['tokens_per_second']:.0f}")
-                aside = 0.0  # seconds of this iteration spent evaluating and saving
-                if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
-                        and self.step < self.total_steps \
-                        and (self.plan is None or self.plan.worth_evaluating(self.step, t.eval_every)):
-                    began = time.perf_counter()
-                    ev = evaluate()
-                    self.log({"step": self.step, "tokens": self.tokens, "eval": True, **ev})
-                    if on_eval:
-                        on_eval()
-                    aside += time.perf_counter() - began
-                    if self.plan is not None:
-                        self.plan.observe_eval(time.perf_counter() - began)
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
-                    began = time.perf_counter()
-                    self.save()
-                    aside += time.perf_counter() - began
-                    if self.plan is not None:
-                        self.plan.observe_save(time.perf_counter() - began)
+                aside = self._periodic(evaluate, on_eval)
                 if self.plan is not None:  # the whole iteration counts: logging, bar, re-planning
-                    now = time.perf_counter()
-                    self.plan.observe_step(now - tick - aside)
-                    tick = now
+                    self.plan.end_iteration(aside)
                 if self._stop_now():
                     if t.checkpoint_every == 0 or self.step % t.checkpoint_every:
                         self.save()
@@ -393,18 +366,30 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
         return last
 
+    def _periodic(self, evaluate, on_eval) -> float:  # noqa: ANN001
+        """Evaluation and checkpoint when their cadence says so; returns the seconds spent
+        (a timed run's plan measures both)."""
+        t, plan = self.cfg.train, self.plan
+        began = time.perf_counter()
+        if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
+                and self.step < self.total_steps \
+                and (plan is None or plan.worth_evaluating(self.step, t.eval_every)):
+            self.log({"step": self.step, "tokens": self.tokens, "eval": True, **evaluate()})
+            if on_eval:
+                on_eval()
+            if plan is not None:
+                plan.observe_eval(time.perf_counter() - began)
+        saving = time.perf_counter()
+        if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
+            self.save()
+            if plan is not None:
+                plan.observe_save(time.perf_counter() - saving)
+        return time.perf_counter() - began
+
     def _replan(self, bar) -> None:  # noqa: ANN001 - a tqdm bar or None
-        """Re-plan the timed run's total from the measured times; several processes take rank
-        0's plan, so that they all stop at the same step."""
-        t = self.cfg.train
-        total = self.plan.replan(self.step, t.eval_every, t.checkpoint_every)
-        if self.run.world_size > 1:
-            total, decay_start = broadcast_object((total, self.plan.decay_start))
-            self.plan.total, self.plan.decay_start = total, decay_start
+        total = self.plan.replan_agreed(self.step, self.cfg.train, self.run.world_size)
         if bar is not None and bar.total != total:
             bar.total = total
             bar.refresh()
@@ -413,11 +398,18 @@ class Trainer:
         """Several processes stop at the same step: the flag all-reduced in that step decides."""
         return self._stop_agreed if self.run.world_size > 1 else self.stop_requested
 
-    @staticmethod
-    def _main_thread() -> bool:
-        import threading
-
-        return threading.current_thread() is threading.main_thread()
+    @contextlib.contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """The one SIGTERM handler: inside, a SIGTERM only sets the stop flag (``fit`` saves
+        at the next step boundary, the final export is never cut half-way)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = signal.signal(signal.SIGTERM, self._handle_signal)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
 
     def _bar(self):  # noqa: ANN202
         if not self.progress:

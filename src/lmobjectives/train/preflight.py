@@ -158,7 +158,7 @@ def preflight(run: Any) -> int | None:
     init_from = run.cfg.model.init_from
     if init_from:
         from lmobjectives.tokenizer import load_tokenizer
-        from lmobjectives.train.setup import init_dir
+        from lmobjectives.rundir import init_dir
 
         src = init_dir(init_from)
         if (src / "tokenizer.json").is_file():

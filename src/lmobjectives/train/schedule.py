@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the step (so resuming needs only the step).
+"""The optimizer (AdamW) and learning-rate schedules as pure functions of the step (so
+resuming needs only the step).
 
 * cosine: linear warmup to the peak, cosine decay to ``min_lr_ratio`` × peak.
 * WSD (warmup-stable-decay, MiniCPM §4): warmup, a constant peak, then a linear decay over
@@ -8,6 +9,8 @@
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def lr_at(step: int, *, total: int, peak: float, warmup: int, schedule: str,
@@ -26,3 +29,21 @@ def lr_at(step: int, *, total: int, peak: float, warmup: int, schedule: str,
         return peak
     progress = min((step - decay_start + 1) / decay_steps, 1.0)
     return peak - (peak - floor) * progress
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms and biases (1-D parameters) do not."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)

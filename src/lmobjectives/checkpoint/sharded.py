@@ -1,9 +1,10 @@
 """Sharded checkpoints of FSDP runs, through ``torch.distributed.checkpoint`` (DCP).
 
-``checkpoints/step-NNNNNNN/`` follows the rules of ``checkpoint.py`` (complete or absent,
-every file checksummed) and holds DCP's files — one ``__R_0.distcp`` per writing rank with
-its shards of weights and optimizer state, and ``.metadata`` with the global shapes — plus
-``scheduler.pt``, ``rng.pt``, ``state.json`` and ``checksums.json``.
+``checkpoints/step-NNNNNNN/`` follows the rules of full checkpoints (complete or absent,
+every file checksummed in ``checksums.json``: ``checkpoint/files.py``) and holds DCP's
+files — one ``__R_0.distcp`` per writing rank with its shards of weights and optimizer
+state, and ``.metadata`` with the global shapes — plus ``scheduler.pt``, ``rng.pt``,
+``state.json`` and ``checksums.json``.
 
 Write: every rank writes its shards into ``.step-NNNNNNN.tmp``; DCP's save returns once all
 shards are on disk (fsynced; its last step is a collective). Rank ``r`` of ``W`` then hashes
@@ -34,12 +35,14 @@ from typing import Any
 
 import torch
 
-from lmobjectives.checkpoint import CHECKSUMS, list_checkpoints, step_dir_name
+from lmobjectives.checkpoint.files import (CHECKSUMS, check_required, file_sums, first_bad_file,
+                                           prune, read_checksums, step_dir_name, write_checksums)
 from lmobjectives.errors import UserError
-from lmobjectives.train.distributed import barrier, gather_objects
-from lmobjectives.util import atomic_write_json, publish_dir, sha256_file
+from lmobjectives.runtime import barrier, gather_objects
+from lmobjectives.util import atomic_write_json, publish_dir
 
 METADATA = ".metadata"
+REQUIRED = (METADATA, "scheduler.pt", "rng.pt", "state.json")
 
 _SAFE_GLOBALS = {
     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
@@ -140,13 +143,12 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
             atomic_write_json(tmp / "state.json", {**state, "checkpoint_format": "dcp"})
         barrier()
         sums: dict[str, str] = {}
-        for part in gather_objects({str(f.relative_to(tmp)): sha256_file(f) for f in _my_files(tmp)}):
+        for part in gather_objects(file_sums(tmp, _my_files(tmp))):
             sums.update(part)
         if rank == 0:
-            atomic_write_json(tmp / CHECKSUMS, dict(sorted(sums.items())))
+            write_checksums(tmp, sums)
             publish_dir(tmp, final)
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune(run_dir, keep)
     except OSError as exc:
         raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}; "
                         "the previous checkpoints are intact") from None
@@ -155,28 +157,20 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
 
 
 def verify_sharded(path: Path) -> None:
-    """Every rank checks its share of the files; any mismatch stops every rank with its name."""
-    path = Path(path)
-    problem = None
-    try:
-        sums = json.loads((path / CHECKSUMS).read_text())
-    except (OSError, json.JSONDecodeError):
-        problem = f"{path / CHECKSUMS} is missing or corrupt"
-        sums = {}
-    if problem is None:
-        import torch.distributed as dist
+    """Every rank checks its share of the files (all of them in one process); any mismatch
+    stops every rank with the file's name."""
+    import torch.distributed as dist
 
+    path = Path(path)
+    try:
+        sums = read_checksums(path)
+        check_required(path, sums, REQUIRED)
         names = sorted(sums)
         if dist.is_available() and dist.is_initialized():
             names = names[dist.get_rank()::dist.get_world_size()]
-        for name in names:
-            f = path / name
-            if not f.is_file():
-                problem = f"checkpoint file {f} is missing"
-                break
-            if sha256_file(f) != sums[name]:
-                problem = f"checkpoint file {f} is corrupt (SHA-256 mismatch)"
-                break
+        problem = first_bad_file(path, sums, names)
+    except UserError as exc:
+        problem = str(exc)
     found = [p for p in gather_objects(problem) if p]
     if found:
         raise UserError(found[0])

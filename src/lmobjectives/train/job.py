@@ -1,11 +1,9 @@
-"""Library entry points behind ``lmobj train`` and ``lmobj export``."""
+"""The training job behind ``lmobj train``: open or resume a run, fit, evaluate, export."""
 
 from __future__ import annotations
 
 import shutil
-import signal
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,14 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import yaml
 
 from lmobjectives.checkpoint import clean_leftovers
-from lmobjectives.config import RunConfig, build_config
+from lmobjectives.config import RunConfig
 from lmobjectives.errors import UserError
-from lmobjectives.evaluate.metrics import (LEFT_TO_RIGHT, bits_per_byte, objective_eval,
-                                           token_byte_lengths, val_batches)
-from lmobjectives.export import export_model
+from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
 from lmobjectives.report.plots import plot_loss
 from lmobjectives.train.distributed import (World, barrier, broadcast_object, export_final,
                                             failures_end_every_rank, init_world, open_in_turn,
@@ -28,7 +23,8 @@ from lmobjectives.train.distributed import (World, barrier, broadcast_object, ex
 from lmobjectives.train.budget import parse_duration
 from lmobjectives.train.calibrate import start_plan, timed_setup
 from lmobjectives.train.loop import Stop, Trainer
-from lmobjectives.train.setup import Run, default_run_dir, open_run, seed_everything, write_run_files
+from lmobjectives.runtime import seed_everything
+from lmobjectives.train.setup import Run, default_run_dir, open_run, write_run_files
 from lmobjectives.util import atomic_write_json
 
 
@@ -47,10 +43,8 @@ def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
     if src is None:
         return {}
     rows = val_batches(src, run.cfg.train.batch_size, n_batches or run.cfg.train.eval_batches)
-    out = objective_eval(run, rows)
-    if run.architecture in LEFT_TO_RIGHT:
-        out.update(bits_per_byte(run.model, rows, run.specials, token_byte_lengths(run.tokenizer),
-                                 run.device, run.bf16, by_position=True))
+    out = objective_eval(run, rows, run.model_with_loss, run.device)
+    out.update(left_to_right_bpb(run, run.model, rows, run.device, run.bf16) or {})
     return out
 
 
@@ -62,20 +56,6 @@ def _prepare_out(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UserError(f"{run_dir} exists and is not empty; choose another --out or pass --overwrite")
-
-
-def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    f = Path(run_dir) / "config.yaml"
-    if not f.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); nothing to resume")
-    tree = yaml.safe_load(f.read_text())
-    for key, value in (overrides or {}).items():
-        node = tree
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return build_config(tree)
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -149,10 +129,10 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
         if lead:
             plot_loss(run_dir)
 
-    # From here to the end a SIGTERM only sets the stop flag (``fit`` saves at the next step
-    # boundary); after ``fit`` a late or repeated SIGTERM must not kill the process half-way
-    # through the final export, nor turn a clean stop into a non-zero exit.
-    with _sigterm_sets(trainer):
+    # From here to the end a SIGTERM only sets the stop flag: after ``fit`` a late or repeated
+    # SIGTERM must not kill the process half-way through the final export, nor turn a clean
+    # stop into a non-zero exit.
+    with trainer.stop_on_sigterm():
         try:
             last = trainer.fit(evaluate=lambda: evaluate_run(run), on_eval=on_eval)
         except Stop:
@@ -176,18 +156,6 @@ def _restored_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@contextmanager
-def _sigterm_sets(trainer: Trainer) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, trainer._handle_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
             stopped: bool) -> TrainResult:
     """Final evaluation and export (skipped when stopped: a resume redoes them)."""
@@ -204,17 +172,3 @@ def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[
         plot_loss(run_dir)
     barrier()
     return TrainResult(run_dir=run_dir, started=started, final=last, eval=ev, stopped=stopped)
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Export any checkpoint of a run as an HF directory."""
-    from lmobjectives.checkpoint import load_checkpoint
-
-    ckpt = Path(checkpoint)
-    run_dir = ckpt.parent.parent
-    cfg = load_run_config(run_dir)
-    run = open_run(cfg, run_dir, progress=False)
-    from lmobjectives.train.sharded import is_sharded_checkpoint, load_sharded
-
-    (load_sharded if is_sharded_checkpoint(ckpt) else load_checkpoint)(ckpt, run.model, None)
-    return export_model(run.model, run.tokenizer, out)

@@ -7,7 +7,6 @@ loss terms (multi-token prediction has one per depth); the standard module has o
 
 from __future__ import annotations
 
-import contextlib
 from typing import Protocol
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from lmobjectives.data.converters import CAUSAL_SHIFT, IGNORE
 from lmobjectives.loss import token_nll_sum
+from lmobjectives.runtime import autocast
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "decoder_input_ids",
               "decoder_attention_mask")
@@ -31,16 +31,6 @@ class TrainModule(Protocol):
                          backward: bool = True) -> dict[str, torch.Tensor]:
         """Add this micro-batch's gradient of sum(loss_term / totals[term]); return
         per-term ``nll`` and ``correct`` sums (detached)."""
-
-
-def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
-
-
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class StandardModule:

@@ -36,7 +36,8 @@ from lmobjectives.loss import token_nll_sum
 from lmobjectives.models.presets import DECODER_PRESETS, check_preset
 from lmobjectives.models.mtp import MTPModel, MTPSpec, init_heads, load_heads, read_heads_spec
 from lmobjectives.objectives.mtp import MTP, depth_targets
-from lmobjectives.train.module import autocast
+from lmobjectives.rundir import init_dir
+from lmobjectives.runtime import autocast
 
 HEAD_SEED_OFFSET = 7919  # heads get their own stream, so adding heads leaves the trunk's init alone
 
@@ -221,8 +222,6 @@ def wrap_model(lm: torch.nn.Module, objective: MTP, seed: int, init_from: str | 
         if objective.compute_matched:
             raise UserError("compute_matched removes trunk layers of a model built from a preset; "
                             "it cannot apply to --init-from")
-        from lmobjectives.train.setup import init_dir
-
         src = init_dir(init_from)
         if read_heads_spec(src) == spec:
             return load_heads(lm, src, spec)

@@ -1,0 +1,5 @@
+"""``python -m lmobjectives.cli``."""
+
+from lmobjectives.cli import main
+
+main()

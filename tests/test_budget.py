@@ -165,3 +165,12 @@ def test_a_failing_compile_falls_back_to_eager(small_store, tmp_path, monkeypatc
                         "train": {"time": "20m", "batch_size": 2}, "out": str(tmp_path)})
     out = try_compile(cfg, tmp_path, {"step_seconds": 1.0, "threads": 1}, 1200, 1, __import__("time").time)
     assert out == {"used": False, "reason": "RuntimeError: no compiler here"}
+
+
+def test_the_command_line_default_is_the_timed_default_job():
+    from lmobjectives.config import config_from_flags
+
+    cfg = config_from_flags({}, None, None)  # `lmobj train` with no arguments
+    assert cfg.train.time == "4m" and "preset" not in cfg.model.model_fields_set
+    assert config_from_flags({"train.steps": 5}, None, None).train.time is None
+    assert config_from_flags({"train.time": "90s"}, None, None).train.time == "90s"

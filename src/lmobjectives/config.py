@@ -103,7 +103,7 @@ TIMED_DECAY_FRACTION = 0.2
 # `lmobj train` without --steps or --time: a budget of 4 minutes (the default job; with the
 # default corpus it must end within 5 minutes on 2 CPU cores, setup and showcase included).
 DEFAULT_TIME = "4m"
-DEFAULT_JOB_CADENCE = {"eval_every": 200, "checkpoint_every": 100}
+DEFAULT_JOB_CADENCE = {"eval_every": 200, "checkpoint_every": 100, "eval_batches": 12}
 
 
 def default_budget(tree: dict[str, Any]) -> dict[str, Any]:

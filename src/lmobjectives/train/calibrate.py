@@ -85,11 +85,15 @@ def measure(cfg: RunConfig, run_dir: Path, box_end: float, world_size: int,
     except UserError:  # e.g. MTP's compute matching needs more layers than this shape has
         return None
     threads = torch.get_num_threads()
-    counts = [threads, 1] if threads > 1 and one_thread else [threads]
+    counts = [1, threads] if threads > 1 and one_thread else [threads]
     times: dict[int, list[float]] = {n: [] for n in counts}
-    _timed_steps(trainer, WARM_STEPS, box_end, clock)
-    # Alternate the thread counts, so that both see the same load and both are measured
-    # even when the box ends early.
+    torch.set_num_threads(counts[0])
+    try:
+        _timed_steps(trainer, WARM_STEPS, box_end, clock)
+    finally:
+        torch.set_num_threads(threads)
+    # Alternate the thread counts, so that both see the same load; one thread first: when the
+    # box ends early it is the safe measurement (never several times slower on a busy machine).
     for i in range(TIMED_STEPS * len(counts)):
         if i and clock() > box_end:
             break

@@ -13,7 +13,7 @@ import pytest
 from lmobjectives.compare import compare
 from lmobjectives.compare.probe import fit_logistic
 from lmobjectives.errors import UserError
-from lmobjectives.report.compare import Column, Row, paragraph
+from lmobjectives.report.comparison_rows import Column, Row, paragraph
 
 OBJECTIVES = ["clm", "mlm", "span", "diffusion"]  # the last is registered nowhere
 FAST = dict(preset="tiny", seq_len=32, batch_size=2, steps=10, sets=["train.checkpoint_every=5"],

@@ -198,7 +198,8 @@ def test_sentinel_parsing():
 
 
 def test_encoder_decoder_cached_decoding_equals_full_recompute():
-    from lmobjectives.infer.infill import decode_until, encoder_decoder_rungs
+    from lmobjectives.infer.generate import decode_until
+    from lmobjectives.infer.infill import encoder_decoder_rungs
     from lmobjectives.models.presets import build_model
 
     sp = SpecialIds.default(512)

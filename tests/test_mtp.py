@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from lmobjectives.data.converters import IGNORE, to_decoder
 from lmobjectives.errors import UserError
-from lmobjectives.infer.generate import generate
+from lmobjectives.infer.generate import distribution, generate
 from lmobjectives.infer.speculative import (ParallelDrafter, SequentialDrafter, accept_greedy,
-                                            accept_sampled, distribution, speculative_generate)
+                                            accept_sampled, speculative_generate)
 from lmobjectives.models.mtp import MTPModel, MTPSpec, init_heads
 from lmobjectives.models.presets import build_model
 from lmobjectives.objectives import build_objective

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from lmobjectives.objectives.base import IGNORE
 
 
 def aligned_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:

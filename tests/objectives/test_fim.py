@@ -12,7 +12,8 @@ from lmobjectives.errors import UserError
 from lmobjectives.objectives import build_objective
 from lmobjectives.objectives.base import Rows, positions_from_eos
 from lmobjectives.objectives.clm import CLM
-from lmobjectives.objectives.fim import FIM, _tables_from_bytes, byte_level_alphabet
+from lmobjectives.objectives.fim import FIM
+from lmobjectives.objectives.fim_tables import _tables_from_bytes, byte_level_alphabet
 from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
 
 TRAINING_TEXT = [

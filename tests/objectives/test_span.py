@@ -15,13 +15,8 @@ from lmobjectives.data.converters import IGNORE, to_encoder_decoder, to_prefix_l
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import build_objective
 from lmobjectives.objectives.base import Rows
-from lmobjectives.objectives.span import (
-    SpanCorruption,
-    denoise,
-    noise_counts,
-    random_spans_noise_mask,
-    row_counts,
-)
+from lmobjectives.objectives.noise import noise_counts, random_spans_noise_mask, row_counts
+from lmobjectives.objectives.span import SpanCorruption, denoise
 from lmobjectives.tokenizer.special import SPECIAL_TOKENS, SpecialIds
 
 SP = SpecialIds.default(1000)

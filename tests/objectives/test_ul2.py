@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from lmobjectives.data.converters import IGNORE, to_encoder_decoder, to_prefix_lm
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import build_objective
-from lmobjectives.objectives.span import denoise, noise_counts
+from lmobjectives.objectives.noise import noise_counts
+from lmobjectives.objectives.span import denoise
 from lmobjectives.objectives.ul2 import DENOISERS, UL2
 
 from rows_util import SP, make_rows

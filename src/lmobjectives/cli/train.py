@@ -122,9 +122,9 @@ def _print_showcase(run_dir: Path) -> None:
               f"seed {g['seed']}; prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
     if "infill" in shown:
         f = shown["infill"]
-        if f["kind"] == "fim":
-            print(f"--- infill (FIM {f['mode'].upper()}; the middle in [[ ]], stopped by "
-                  f"{f['stopped_by']})\n{f['prefix']}[[{f['middle']}]]{f['suffix']}", end="")
-        else:
+        if f["kind"] == "sentinels":
             print(f"--- infill (sentinel spans {f['spans']}, stopped by {f['stopped_by']})\n"
                   f"{f['input']}\n-> {f['text']}", end="")
+        else:  # a FIM infill
+            print(f"--- infill (FIM {f['mode'].upper()}; the middle in [[ ]], stopped by "
+                  f"{f['stopped_by']})\n{f['prefix']}[[{f['middle']}]]{f['suffix']}", end="")

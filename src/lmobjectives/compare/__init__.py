@@ -1,5 +1,5 @@
 """Equal-budget comparison of pre-training objectives (``lmobj compare``): the harness trains
-or reuses one run per objective and measures it; ``lmobjectives.report.compare`` writes the
+or reuses one run per objective and measures it; ``lmobjectives.report.comparison`` writes the
 report from the files it leaves."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ and each run's step count is ``round(budget / tokens per step)``::
 (KEY is the objective, or ``span@prefix_lm`` written ``span-prefix_lm`` for another
 architecture). A finished run whose config matches is reused, one with checkpoints is
 resumed, and a run with another config is an error unless ``overwrite``. Measurements are
-cached the same way (``compare.measure``). The report (``lmobjectives.report.compare``)
+cached the same way (``compare.measure``). The report (``lmobjectives.report.comparison``)
 reads only the files this writes.
 """
 
@@ -42,7 +42,8 @@ from lmobjectives.config import RunConfig, apply_set, build_config
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import OBJECTIVES, build_objective, objective_class
 
-DEFAULT_OBJECTIVES = ("clm", "mlm", "span", "ul2", "prefix", "fim", "mtp")
+# Every registered objective, in registry order: a newly added objective is compared too.
+DEFAULT_OBJECTIVES = tuple(OBJECTIVES)
 DEFAULT_OUT = "runs/compare"
 # A store compare prepares itself holds out 10% of the documents (not the 1% of a training
 # store) so the probe has a few dozen unseen documents per source.
@@ -292,6 +293,25 @@ def write_plan(out: Path, shared: RunConfig, budget: int, plans: list[tuple[Entr
     })
 
 
+def _check_sources_and_budget(corpus: Sequence[str] | None, store: str | None,
+                              steps: int | None, tokens: int | None) -> None:
+    if corpus and store:
+        raise UserError("pass --corpus or --data, not both")
+    if steps is not None and tokens is not None:
+        raise UserError("pass --steps or --tokens, not both")
+    if (steps is not None and steps < 1) or (tokens is not None and tokens < 1):
+        raise UserError("--steps and --tokens must be at least 1")
+
+
+def _shared_tokenizer(shared: Any) -> tuple[Any, Any]:
+    """The tokenizer every run shares (the config's, else the store's) and its special ids."""
+    from lmobjectives.tokenizer import load_tokenizer
+    from lmobjectives.tokenizer.special import SpecialIds
+
+    tok = load_tokenizer(shared.data.tokenizer or str(Path(shared.data.store) / "tokenizer"))
+    return tok, SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())
+
+
 def compare(
     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
     *,
@@ -313,29 +333,20 @@ def compare(
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> CompareResult:
     """Train (or reuse) one run per objective under an equal token budget; write the report."""
-    from lmobjectives.report.compare import write_report
-    from lmobjectives.tokenizer import load_tokenizer
-    from lmobjectives.tokenizer.special import SpecialIds
+    from lmobjectives.report.comparison import write_report
     from lmobjectives.runtime import select_device
 
-    if corpus and store:
-        raise UserError("pass --corpus or --data, not both")
-    if steps is not None and tokens is not None:
-        raise UserError("pass --steps or --tokens, not both")
-    if (steps is not None and steps < 1) or (tokens is not None and tokens < 1):
-        raise UserError("--steps and --tokens must be at least 1")
+    _check_sources_and_budget(corpus, store, steps, tokens)
     out = Path(out)
     result = CompareResult(out=out)
     entries = registered(parse_objectives(objectives), result.skipped, say)
-
     tree = base_tree(preset=preset, seq_len=seq_len, batch_size=batch_size, seed=seed, lr=lr,
                      tokenizer=tokenizer, sets=sets)
     out.mkdir(parents=True, exist_ok=True)
     tree["data"]["store"] = _shared_store(out, tree, list(corpus) if corpus else None, store,
                                           overwrite, progress, say)
     shared = build_config({**tree, "objective": entries[0].objective})
-    tok = load_tokenizer(shared.data.tokenizer or str(Path(shared.data.store) / "tokenizer"))
-    specials = SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())
+    tok, specials = _shared_tokenizer(shared)
     t = shared.train
     budget = tokens if tokens is not None else \
         (steps or t.steps) * t.batch_size * t.grad_accum * shared.data.seq_len

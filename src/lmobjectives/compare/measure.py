@@ -38,18 +38,14 @@ import torch
 
 from lmobjectives.compare.probe import ProbeData, pooled_states, probe_accuracy
 from lmobjectives.evaluate.metrics import LEFT_TO_RIGHT, bits_per_byte
+from lmobjectives.objectives import Capabilities, capabilities, objectives_where
 from lmobjectives.objectives.base import Rows
 from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
 MEASURE_VERSION = 3
 THROUGHPUT_STEPS = 5
-# Objectives whose model fills a missing middle from a FIM prompt (the single-line exact-match
-# task of evaluate/infill.py). span/UL2 fill sentinel spans instead, a different task.
-INFILLING = ("fim",)
 INFILL_SAMPLES = 20
 SPECULATIVE_PROMPTS, SPECULATIVE_TOKENS = 4, 48
-# Objectives whose model carries draft heads for self-speculative decoding.
-DRAFTING = ("mtp",)
 
 
 @dataclass
@@ -135,9 +131,15 @@ def _masked_accuracy(s: Subject, bench: Bench) -> dict[str, Any]:
     return {"value": s.eval.get("accuracy"), "targets": s.eval.get("targets")}
 
 
+def _fills_fim(caps: Capabilities) -> bool:
+    # A model that fills a missing middle from a FIM prompt (the single-line exact-match task
+    # of evaluate/infill.py); sentinel-span models fill spans instead, a different task.
+    return caps.infill == "fim_prompt"
+
+
 def _infilling(s: Subject) -> str | None:
-    return None if s.objective in INFILLING else \
-        f"not an infilling objective (those are {', '.join(INFILLING)})"
+    return None if _fills_fim(capabilities(s.objective)) else \
+        f"not an infilling objective (those are {', '.join(objectives_where(_fills_fim))})"
 
 
 def _infill_exact_match(s: Subject, bench: Bench) -> dict[str, Any]:
@@ -176,9 +178,13 @@ def _speculative_speedup(s: Subject, bench: Bench) -> dict[str, Any]:
             "prompts": len(prompts), "tokens": SPECULATIVE_TOKENS}
 
 
+def _drafts(caps: Capabilities) -> bool:
+    return caps.drafts_tokens  # the model carries draft heads for self-speculative decoding
+
+
 def _drafting(s: Subject) -> str | None:
-    return None if s.objective in DRAFTING else \
-        f"no draft heads to speculate with (only {', '.join(DRAFTING)} trains them)"
+    return None if _drafts(capabilities(s.objective)) else \
+        f"no draft heads to speculate with (only {', '.join(objectives_where(_drafts))} trains them)"
 
 
 def _always(s: Subject) -> str | None:

@@ -27,10 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features
+from lmobjectives.objectives.base import IGNORE, Features
 from lmobjectives.tokenizer.special import SpecialIds
 
-IGNORE = -100
 Batch = dict[str, np.ndarray]
 
 # Which architectures' labels are scored one position later than their logits.

@@ -12,6 +12,7 @@ from lmobjectives.data.loader import PackedSource
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.infill import DEFAULT_SAMPLES, document_texts, infill_exact_match
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
+from lmobjectives.objectives import capabilities
 from lmobjectives.runtime import select_device, use_bf16
 from lmobjectives.spec import RunSpec, open_spec
 from lmobjectives.step import step_module
@@ -19,8 +20,17 @@ from lmobjectives.store.prepare import prepare_store
 from lmobjectives.store.store import TokenStore
 from lmobjectives.tokenizer import tokenizer_fingerprint
 
-# Decoder objectives whose runs get the infilling metric: FIM, and CLM as its baseline.
-INFILL_OBJECTIVES = ("fim", "clm")
+
+def accuracy_key(objective: str) -> str:
+    """The name a run's held-out accuracy is reported under: an objective that scores masked
+    positions only (MLM) says so (``masked_accuracy``)."""
+    return capabilities(objective).accuracy_key
+
+
+def gets_infill_metric(objective: str, architecture: str) -> bool:
+    """Decoder runs of objectives on the infill benchmark (FIM, and CLM as its baseline) get
+    single-line infilling exact match."""
+    return architecture == "decoder" and capabilities(objective).infill_benchmark
 
 
 def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int = 16,
@@ -40,10 +50,8 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     source, table = _eval_source(spec, run_dir, data)
     rows = val_batches(source, cfg.train.batch_size, n_batches)
     out = objective_eval(spec, rows, step_module(model, spec.objective, spec.architecture, bf16), device)
-    # An MLM's targets are the masked tokens only: say so in the name of its accuracy.
-    accuracy_key = "masked_accuracy" if cfg.objective == "mlm" else "accuracy"
     res: dict[str, Any] = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50)),
-                           accuracy_key: out["accuracy"], "tokens": out["targets"]}
+                           accuracy_key(cfg.objective): out["accuracy"], "tokens": out["targets"]}
     bpb = left_to_right_bpb(spec, model, rows, device, bf16)
     if bpb is not None:
         res.update({"bits_per_byte": bpb["bits_per_byte"], "bytes": bpb["bytes"],
@@ -51,7 +59,7 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     else:
         res.update({"bits_per_byte": None, "bytes": None,
                     "bits_per_byte_reason": NO_BPB_REASON[spec.architecture]})
-    if spec.architecture == "decoder" and cfg.objective in INFILL_OBJECTIVES and infill_samples > 0:
+    if gets_infill_metric(cfg.objective, spec.architecture) and infill_samples > 0:
         docs = document_texts(table, spec.tokenizer, spec.specials.eos)
         em = infill_exact_match(loaded, docs, infill_samples, seed=0, context_tokens=cfg.data.seq_len)
         res.update({"infill_exact_match": em["exact_match"], "infill_samples": em["samples"]})

@@ -7,14 +7,8 @@ from typing import Any
 from lmobjectives.errors import UserError
 from lmobjectives.infer.generate import generate
 from lmobjectives.infer.load import Loaded, load_model
-
-
-def prompt_ids(loaded, prompt: str) -> list[int]:  # noqa: ANN001
-    """A prompt as training saw documents: its tokens from position 0, no separator in front
-    (a document's first token never attends to the EOS before it). An empty prompt is the
-    EOS alone, the one context in which a document starts."""
-    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
-    return ids or [loaded.specials.eos]
+from lmobjectives.infer.prompts import generation_result, prompt_ids
+from lmobjectives.objectives import Capabilities, capabilities
 
 
 def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -37,17 +31,9 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
     return generation_result(loaded, g)
 
 
-def generation_result(loaded, g) -> dict[str, Any]:  # noqa: ANN001 - Loaded, Generation
-    """What `lmobj generate --json` prints: the text (EOS dropped), the new tokens, the passes."""
-    text_ids = [t for t in g.tokens if t != loaded.specials.eos]
-    return {"text": loaded.tokenizer.decode(text_ids, skip_special_tokens=False),
-            "tokens": g.tokens, "forward_passes": g.forward_passes, "stopped_by": g.stopped_by}
-
-
 # ------------------------------------------------------------------------------ infill
 FIM_ARCHITECTURES = ("decoder",)
 SENTINEL_ARCHITECTURES = ("encoder_decoder", "prefix_lm")
-SENTINEL_OBJECTIVES = ("span", "ul2")
 
 
 def run_objective(loaded: Any) -> str | None:
@@ -57,6 +43,29 @@ def run_objective(loaded: Any) -> str | None:
     if loaded.run_dir is None or not (loaded.run_dir / "run.json").is_file():
         return None
     return json.loads((loaded.run_dir / "run.json").read_text()).get("objective")
+
+
+def run_capabilities(loaded: Any) -> Capabilities | None:
+    """What the run's objective declares its model can do (None for a bare HF directory)."""
+    objective = run_objective(loaded)
+    return None if objective is None else capabilities(objective)
+
+
+def fills_fim(caps: Capabilities | None) -> bool:
+    """Whether a decoder fills a FIM prompt: FIM runs, and bare HF models (who can say)."""
+    return caps is None or caps.infill == "fim_prompt"
+
+
+def fills_sentinels(caps: Capabilities | None) -> bool:
+    """Whether a model fills <extra_id_N> spans; a bare HF model is taken at its word."""
+    return caps is None or caps.infill == "sentinel_spans"
+
+
+def mode_token_id(loaded: Any, caps: Capabilities | None) -> int | None:
+    """The mode token the objective puts before an inference prompt (UL2's [NLU]), if any."""
+    if caps is None or caps.mode_token is None:
+        return None
+    return int(getattr(loaded.specials, caps.mode_token))
 
 
 def trained_context(loaded: Loaded) -> int:
@@ -124,18 +133,18 @@ def _infill(loaded: Loaded, *, prefix: str | None, suffix: str | None, text: str
 
     path = str(loaded.run_dir or loaded.path)
     objective = run_objective(loaded)
+    caps = None if objective is None else capabilities(objective)
     trained = f"model of architecture {loaded.architecture}" + (
         f", trained with {objective}" if objective else "")
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                 "seed": seed}
     if text is not None:
-        if loaded.architecture not in SENTINEL_ARCHITECTURES or \
-                (objective is not None and objective not in SENTINEL_OBJECTIVES):
+        if loaded.architecture not in SENTINEL_ARCHITECTURES or not fills_sentinels(caps):
             raise UserError(f"{path} holds a {trained}; --text fills <extra_id_N> spans for span or "
                             "UL2 runs (encoder_decoder or prefix_lm). "
                             + ("Use --prefix/--suffix for a decoder."
                                if loaded.architecture == "decoder" else ""))
-        mode_token = loaded.specials.nlu if objective == "ul2" else None
+        mode_token = mode_token_id(loaded, caps)
         try:
             res = infill_sentinels(loaded.model, loaded.tokenizer, loaded.specials, text,
                                    architecture=loaded.architecture, mode_token=mode_token,
@@ -175,19 +184,20 @@ SHOWCASE_SPAN_TEXT = "def add(a, b):\n    return<extra_id_0>\n"
 
 def showcase(path: str, *, max_new_tokens: int = 48) -> dict[str, Any]:
     """What a finished run can do, on fixed prompts: a short sampled generation (decoders and
-    prefix LMs; temperature, top-p and seed in the result), a FIM infill (FIM runs) or a sentinel infill (span/UL2 runs)."""
+    prefix LMs; temperature, top-p and seed in the result), a FIM infill (FIM runs) or a
+    sentinel infill (span/UL2 runs)."""
     loaded = load_model(path)
-    objective = run_objective(loaded)
+    caps = run_capabilities(loaded)
     fixed = {"file": None, "line": None, "mode": "psm", "max_new_tokens": max_new_tokens,
              "temperature": 0.0, "top_p": 1.0, "seed": 0}
     out: dict[str, Any] = {}
     if loaded.architecture in ("decoder", "prefix_lm"):
         out["generation"] = {"prompt": SHOWCASE_PROMPT, **SHOWCASE_SAMPLING, **generate_text(
             path, SHOWCASE_PROMPT, max_new_tokens=max_new_tokens, **SHOWCASE_SAMPLING)}
-    if loaded.architecture == "decoder" and objective in (None, "fim"):
+    if loaded.architecture == "decoder" and fills_fim(caps):
         out["infill"] = {"prefix": SHOWCASE_PREFIX, "suffix": SHOWCASE_SUFFIX, **_infill(
             loaded, prefix=SHOWCASE_PREFIX, suffix=SHOWCASE_SUFFIX, text=None, **fixed)}
-    elif loaded.architecture in SENTINEL_ARCHITECTURES and objective in SENTINEL_OBJECTIVES:
+    elif loaded.architecture in SENTINEL_ARCHITECTURES and caps is not None and fills_sentinels(caps):
         out["infill"] = {"input": SHOWCASE_SPAN_TEXT, **_infill(
             loaded, prefix=None, suffix=None, text=SHOWCASE_SPAN_TEXT, **fixed)}
     return out

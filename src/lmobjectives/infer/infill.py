@@ -46,7 +46,7 @@ Example: text ``"a<extra_id_0>c"``, answer ``<extra_id_0> "b" <extra_id_1>`` -> 
   (``test_seq2seq`` checks the tokens agree). It costs one forward per token instead of a
   growing full forward per token.
 
-The decode loop reuses the ladder's rungs (``generate.prefill``, ``decode_one``, ``sample``);
+The decode loop is the ladder's (``generate.prefill``, ``decode_one``, ``decode_until``);
 this module adds the encoder-decoder rungs and the stop rules.
 """
 
@@ -54,11 +54,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from lmobjectives.infer.generate import Generation, decode_one, prefill, sample
+from lmobjectives.infer.generate import Step, StopRule, decode_one, decode_until, prefill
 from lmobjectives.tokenizer.special import SpecialIds
 
 MODES = ("psm", "spm")
@@ -67,9 +67,6 @@ MODES = ("psm", "spm")
 ANCHOR_CHARS = 32
 MIN_ANCHOR_CHARS = 8
 SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
-
-Step = Callable[[int, Any], tuple[torch.Tensor, Any]]  # (token, cache) -> (logits (V,), cache)
-StopRule = Callable[[list[int]], "str | None"]
 
 
 # ------------------------------------------------------------------------------ FIM prompts
@@ -104,29 +101,7 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-# ------------------------------------------------------------------------------ decode loop
-@torch.no_grad()
-def decode_until(start: tuple[torch.Tensor, Any], step: Step, stop: StopRule, *,
-                 max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> Generation:
-    """Sample from the prefill's logits, then step, until ``stop`` names a reason or
-    ``max_new_tokens`` are out; ``stopped_by`` is that reason or ``"length"``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits, cache = start
-    passes, out = 1, []
-    while len(out) < max_new_tokens:
-        tok = sample(logits.cpu(), temperature, top_p, gen)
-        out.append(tok)
-        reason = stop(out)
-        if reason is not None:
-            return Generation(out, passes, reason)
-        if len(out) == max_new_tokens:
-            break
-        logits, cache = step(tok, cache)
-        passes += 1
-    return Generation(out, passes, "length")
-
-
+# ------------------------------------------------------------------------------ rungs
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from lmobjectives.infer.generate import Generation
+from lmobjectives.infer.generate import Generation, distribution
 from lmobjectives.models.mtp import MTPModel
 
 Pick = Callable[[torch.Tensor], tuple[int, torch.Tensor | None]]
@@ -48,17 +48,6 @@ def rollback(cache, length: int) -> None:  # noqa: ANN001 - transformers Cache
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
-
-
-def distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The sampling distribution of ``infer.generate.sample``: temperature, then nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return probs / probs.sum()
 
 
 def accept_greedy(base_logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
@@ -199,9 +188,71 @@ class Acceptance:
     accepted: list[int]  # per extra head: steps where its draft was in the accepted prefix
     steps: int = 0
 
+    def record(self, n_drafts: int, n_accepted: int) -> None:
+        self.steps += 1
+        for j in range(n_drafts):
+            self.proposed[j] += 1
+            self.accepted[j] += int(j < n_accepted)
+
     def rates(self) -> dict[str, float]:
         return {f"head{k + 2}": a / p if p else 0.0
                 for k, (a, p) in enumerate(zip(self.accepted, self.proposed))}
+
+    def generation(self, tokens: list[int], passes: int, reason: str) -> Generation:
+        return Generation(tokens, passes, reason, extras={
+            "acceptance": self.rates(), "verify_steps": self.steps,
+            "tokens_per_forward": len(tokens) / max(passes, 1)})
+
+
+@dataclass
+class Sampler:
+    """Greedy picks and acceptance at temperature 0; speculative sampling above it, every
+    draw from one ``torch.Generator`` in a fixed order (drafts, then verification)."""
+
+    temperature: float
+    top_p: float
+    gen: torch.Generator
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature > 0
+
+    def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """A token from (V,) logits, and the distribution it was drawn from (None if greedy)."""
+        if self.greedy:
+            return int(logits.argmax()), None
+        q = distribution(logits.cpu(), self.temperature, self.top_p)
+        return int(torch.multinomial(q, 1, generator=self.gen)), q
+
+    def accept(self, base: torch.Tensor, drafts: list[int],
+               qs: list[torch.Tensor | None]) -> tuple[int, int]:
+        """(drafts accepted, next token) from the base model's (len(drafts) + 1, V) logits."""
+        if self.greedy:
+            return accept_greedy(base, drafts)
+        p_rows = torch.stack([distribution(row, self.temperature, self.top_p) for row in base.cpu()])
+        return accept_sampled(p_rows, qs, drafts, self.gen)  # type: ignore[arg-type]
+
+
+Drafter = ParallelDrafter | SequentialDrafter
+
+
+def prefill(drafter: Drafter, prompt_ids: list[int], sampler: Sampler) -> int:
+    """Run the prompt through the base model and every head; the first new token."""
+    base = drafter.forward(list(prompt_ids))
+    drafter.commit(len(prompt_ids))
+    return sampler.pick(base[-1])[0]
+
+
+def verify_step(drafter: Drafter, next_tok: int, n_drafts: int, sampler: Sampler,
+                stats: Acceptance) -> tuple[list[int], int]:
+    """Draft ``n_drafts`` tokens after ``next_tok``, verify them in one base-model pass and
+    commit what is accepted: (accepted drafts, the token after them)."""
+    drafts, qs = drafter.draft(next_tok, n_drafts, sampler.pick)
+    base = drafter.forward([next_tok] + drafts)  # (len(drafts) + 1, V)
+    a, after = sampler.accept(base, drafts, qs)
+    drafter.commit(1 + a)
+    stats.record(len(drafts), a)
+    return drafts[:a], after
 
 
 @torch.no_grad()
@@ -213,56 +264,27 @@ def speculative_generate(model: MTPModel, prompt_ids: list[int], *, max_new_toke
     ``max_drafts`` uses only the first heads (Gloeckle Table S2's "heads used")."""
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    sampling = temperature > 0
-
-    def pick(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        if not sampling:
-            return int(logits.argmax()), None
-        q = distribution(logits.cpu(), temperature, top_p)
-        return int(torch.multinomial(q, 1, generator=gen)), q
-
+    sampler = Sampler(temperature, top_p, torch.Generator(device="cpu").manual_seed(seed))
     drafter = ParallelDrafter(model) if model.spec.head_design == "parallel" else SequentialDrafter(model)
     n_drafts = model.n_heads - 1 if max_drafts is None else max(0, min(max_drafts, model.n_heads - 1))
     stats = Acceptance(proposed=[0] * n_drafts, accepted=[0] * n_drafts)
     out: list[int] = []
-
-    def done(reason: str, passes: int) -> Generation:
-        rates = stats.rates()
-        return Generation(out, passes, reason, extras={
-            "acceptance": rates, "verify_steps": stats.steps,
-            "tokens_per_forward": len(out) / max(passes, 1)})
-
     try:
-        base = drafter.forward(list(prompt_ids))
-        drafter.commit(len(prompt_ids))
-        passes = 1
-        next_tok, _ = pick(base[-1])
+        next_tok, passes = prefill(drafter, prompt_ids, sampler), 1
         while len(out) < max_new_tokens:
             out.append(next_tok)
             if next_tok in stop_ids:
-                return done("eos", passes)
+                return stats.generation(out, passes, "eos")
             budget = max_new_tokens - len(out)
             if budget == 0:
                 break
-            drafts, qs = drafter.draft(next_tok, min(n_drafts, budget), pick)
-            base = drafter.forward([next_tok] + drafts)  # (len(drafts) + 1, V)
+            accepted, next_tok = verify_step(drafter, next_tok, min(n_drafts, budget), sampler, stats)
             passes += 1
-            if sampling:
-                p_rows = torch.stack([distribution(row, temperature, top_p) for row in base.cpu()])
-                a, next_tok = accept_sampled(p_rows, qs, drafts, gen)
-            else:
-                a, next_tok = accept_greedy(base, drafts)
-            drafter.commit(1 + a)
-            stats.steps += 1
-            for j in range(len(drafts)):
-                stats.proposed[j] += 1
-                stats.accepted[j] += int(j < a)
-            for d in drafts[:a]:
+            for d in accepted:
                 out.append(d)
                 if d in stop_ids:
-                    return done("eos", passes)
-        return done("length", passes)
+                    return stats.generation(out, passes, "eos")
+        return stats.generation(out, passes, "length")
     finally:
         model.train(was_training)
 
@@ -272,7 +294,7 @@ def speculative_text(loaded, prompt: str, *, max_new_tokens: int = 64, temperatu
     """``lmobj generate --speculative`` on a loaded run (``infer.load.Loaded``); the caller,
     ``infer.api.generate_text``, has checked the sampling options."""
     from lmobjectives.errors import UserError
-    from lmobjectives.infer.api import generation_result, prompt_ids
+    from lmobjectives.infer.prompts import generation_result, prompt_ids
 
     if not isinstance(loaded.model, MTPModel):
         raise UserError(f"{loaded.path} has no multi-token-prediction heads (no mtp_heads.json); "

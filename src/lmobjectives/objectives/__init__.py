@@ -1,13 +1,16 @@
 """Pre-training objectives, each a pure numpy transform (see ``base``). The registry below is
-the one place that lists them; ``build_objective`` makes one from its name and parameters."""
+the one place that lists them; ``build_objective`` makes one from its name and parameters,
+``capabilities`` says what a named objective's model can do (evaluation, inference and
+comparison ask it instead of comparing names)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import Callable
 
 from lmobjectives.errors import UserError
-from lmobjectives.objectives.base import Features, Objective, Rows
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.objectives.fim import FIM
 from lmobjectives.objectives.mlm import MLM
@@ -36,6 +39,16 @@ def objective_class(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
+def capabilities(name: str) -> Capabilities:
+    """What the objective ``name`` declares its model can do (``base.Capabilities``)."""
+    return objective_class(name).capabilities
+
+
+def objectives_where(test: Callable[[Capabilities], bool]) -> list[str]:
+    """Names of the registered objectives whose capabilities pass ``test``, in registry order."""
+    return [name for name, cls in OBJECTIVES.items() if test(cls.capabilities)]
+
+
 def objective_param_names(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(objective_class(name))
             if f.name != "specials" and f.metadata.get("param", True)]
@@ -62,4 +75,5 @@ def build_objective(name: str, params: dict[str, object], specials: SpecialIds,
         raise UserError(f"bad parameters for objective '{name}': {exc}") from None
 
 
-__all__ = ["OBJECTIVES", "Features", "Objective", "Rows", "build_objective", "objective_class"]
+__all__ = ["OBJECTIVES", "Capabilities", "Features", "Objective", "Rows", "build_objective",
+           "capabilities", "objective_class", "objectives_where"]

@@ -36,6 +36,68 @@ import numpy as np
 from lmobjectives.tokenizer.special import SpecialIds
 
 ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
+# The label value HF losses skip (``torch.nn.CrossEntropyLoss(ignore_index=-100)``); defined
+# here, the lowest stage that writes labels, and imported by data/, loss and train/.
+IGNORE = -100
+
+# How an objective's model fills a gap in a text (``Capabilities.infill``):
+#   "fim_prompt"     FIM sentinels, PSM/SPM prompts with <fim_prefix>... (a decoder)
+#   "sentinel_spans" T5-style <extra_id_N> spans, answered in order (encoder-decoder, prefix LM)
+#   "left_to_right"  no infilling form of its own: it only continues a prefix
+#   "unmasking"      iterative unmasking of [MASK] positions (masked diffusion)
+#   "none"           it does not generate (a masked-LM encoder)
+INFILL_KINDS = ("fim_prompt", "sentinel_spans", "left_to_right", "unmasking", "none")
+ACCURACY_KEYS = ("accuracy", "masked_accuracy")
+MODEL_KINDS = ("standard", "mtp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What an objective's model can do, declared once by the objective so that evaluation,
+    inference and comparison ask it instead of comparing objective names.
+
+    ``architectures``: the architectures it trains, the first the default.
+    ``infill``: one of ``INFILL_KINDS``, how its model fills a gap (see above).
+    ``infill_benchmark``: its decoder runs get the single-line infill exact match of
+    ``lmobj eval`` (FIM itself, and CLM as the baseline FIM is measured against).
+    ``accuracy_key``: the name its held-out accuracy is reported under; ``masked_accuracy``
+    when only masked positions are scored.
+    ``mode_token``: the ``SpecialIds`` field of the mode token put before an inference prompt
+    (UL2's R-denoiser ``[NLU]`` for span infilling, UL2 §3.1.3), or None.
+    ``drafts_tokens``: its model carries draft heads for self-speculative decoding.
+    ``model_kind``: which model + loss the train loop builds for it (``MODEL_KINDS``).
+
+    Only ``architectures`` and ``infill`` must be given; the defaults are what a plain
+    next-token or denoising objective has (``accuracy``, no mode token, no drafts, standard).
+
+    A masked-diffusion objective would declare ``Capabilities(architectures=("encoder",),
+    infill="unmasking", accuracy_key="masked_accuracy")``.
+    """
+
+    architectures: tuple[str, ...]
+    infill: str  # no default: how a model fills a gap is every objective's own decision
+    infill_benchmark: bool = False
+    accuracy_key: str = "accuracy"
+    mode_token: str | None = None
+    drafts_tokens: bool = False
+    model_kind: str = "standard"
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.architectures if a not in ARCHITECTURES]
+        if not self.architectures or bad:
+            raise ValueError(f"architectures must be a non-empty subset of {ARCHITECTURES}, "
+                             f"got {self.architectures}")
+        for field, value, allowed in (("infill", self.infill, INFILL_KINDS),
+                                      ("accuracy_key", self.accuracy_key, ACCURACY_KEYS),
+                                      ("model_kind", self.model_kind, MODEL_KINDS)):
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        if self.mode_token is not None and self.mode_token not in SpecialIds.__dataclass_fields__:
+            raise ValueError(f"mode_token {self.mode_token!r} is not a SpecialIds field")
+
+    @property
+    def default_architecture(self) -> str:
+        return self.architectures[0]
 
 
 @dataclass(frozen=True)
@@ -97,9 +159,19 @@ class Objective(abc.ABC):
     ``metadata={"param": False}`` is a table derived from the tokenizer, not a parameter."""
 
     name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    # Mirrors of ``capabilities`` fields, set for every subclass by ``__init_subclass__``.
     architectures: ClassVar[tuple[str, ...]]  # the first is the default
+    model_kind: ClassVar[str]
 
     specials: SpecialIds
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        caps = cls.__dict__.get("capabilities")
+        if caps is not None:
+            cls.architectures = caps.architectures
+            cls.model_kind = caps.model_kind
 
     def row_length(self, seq_len: int) -> int:
         """Length of the packed rows this objective needs to make features of ``seq_len``."""

@@ -10,14 +10,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows, single_stream_mask
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows, single_stream_mask
 from lmobjectives.tokenizer.special import SpecialIds
 
 
 @dataclass(frozen=True, kw_only=True)
 class CLM(Objective):
     name: ClassVar[str] = "clm"
-    architectures: ClassVar[tuple[str, ...]] = ("decoder",)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("decoder",), infill="left_to_right", infill_benchmark=True)
 
     specials: SpecialIds
 

@@ -37,8 +37,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows
-from lmobjectives.objectives.span import in_region, random_u32, ranked_keys
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
+from lmobjectives.objectives.noise import in_region, random_u32, ranked_keys
 from lmobjectives.tokenizer.special import SpecialIds
 
 _U32 = 2.0**32  # probabilities are compared against uint32 words: resolution 2**-32
@@ -70,7 +70,8 @@ class MLM(Objective):
     """BERT masked LM (BERT §3.1 defaults: 15 % selected; 80 % MASK, 10 % random, 10 % kept)."""
 
     name: ClassVar[str] = "mlm"
-    architectures: ClassVar[tuple[str, ...]] = ("encoder",)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("encoder",), infill="none", accuracy_key="masked_accuracy")
 
     specials: SpecialIds
     mask_rate: float = 0.15

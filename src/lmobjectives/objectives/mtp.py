@@ -45,10 +45,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows, single_stream_mask
+from lmobjectives.objectives.base import (IGNORE, Capabilities, Features, Objective, Rows,
+                                          single_stream_mask)
 from lmobjectives.tokenizer.special import SpecialIds
 
-IGNORE = -100
 HEAD_DESIGNS = ("parallel", "sequential")
 WEIGHT_SCHEDULES = ("constant", "deepseek")
 # DeepSeek-V3 §4.2: MTP loss weight 0.3 for the first 10T tokens, 0.1 for the remaining 4.8T.
@@ -84,8 +84,8 @@ def loss_weights(n_heads: int, design: str, weights: tuple[float, ...] | None, s
 @dataclass(frozen=True, kw_only=True)
 class MTP(Objective):
     name: ClassVar[str] = "mtp"
-    architectures: ClassVar[tuple[str, ...]] = ("decoder",)
-    model_kind: ClassVar[str] = "mtp"  # open_run builds the MTP model and train module for it
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("decoder",), infill="left_to_right", drafts_tokens=True, model_kind="mtp")
 
     specials: SpecialIds
     n_heads: int = 4

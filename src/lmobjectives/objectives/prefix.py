@@ -31,8 +31,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows
-from lmobjectives.objectives.span import non_pad_lengths
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
+from lmobjectives.objectives.noise import non_pad_lengths
 from lmobjectives.tokenizer.special import SpecialIds
 
 
@@ -67,7 +67,8 @@ class PrefixLM(Objective):
     """Prefix LM with a uniform split point (T5 ``prefix_lm``, seqio's prefix-LM converter)."""
 
     name: ClassVar[str] = "prefix"
-    architectures: ClassVar[tuple[str, ...]] = ("prefix_lm",)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("prefix_lm",), infill="left_to_right")
 
     specials: SpecialIds
 

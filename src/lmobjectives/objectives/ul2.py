@@ -36,16 +36,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from lmobjectives.objectives.base import Features, Objective, Rows
+from lmobjectives.objectives.base import Capabilities, Features, Objective, Rows
 from lmobjectives.objectives.prefix import random_split_points
-from lmobjectives.objectives.span import (
-    check_sentinels,
-    corrupted_lengths,
-    denoise,
-    non_pad_lengths,
-    random_spans_noise_mask,
-    raw_length,
-)
+from lmobjectives.objectives.noise import non_pad_lengths, random_spans_noise_mask
+from lmobjectives.objectives.span import check_sentinels, corrupted_lengths, denoise, raw_length
 from lmobjectives.tokenizer.special import SpecialIds
 
 
@@ -87,7 +81,8 @@ class UL2(Objective):
     """UL2's mixture of seven denoisers with mode tokens [NLU] / [NLG] / [S2S]."""
 
     name: ClassVar[str] = "ul2"
-    architectures: ClassVar[tuple[str, ...]] = ("encoder_decoder", "prefix_lm")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        architectures=("encoder_decoder", "prefix_lm"), infill="sentinel_spans", mode_token="nlu")
 
     specials: SpecialIds
     # Relative sampling weights over DENOISERS; uniform as in the UL2 paper's appendix code.

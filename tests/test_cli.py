@@ -20,10 +20,16 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def assert_user_error(p: subprocess.CompletedProcess, *words: str) -> None:
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr
-    err = [l for l in p.stderr.splitlines() if l.startswith("error:")]
-    assert len(err) == 1, p.stderr
+    assert_one_error_line(p.returncode, p.stderr, *words)
+
+
+def assert_one_error_line(code: int, stderr: str, *words: str) -> None:
+    """The contract: exit code 2 (not any non-zero), no traceback, exactly one ``error:`` line
+    holding ``words``."""
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr
+    err = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1, stderr
     for w in words:
         assert w in err[0], err[0]
 
@@ -76,3 +82,45 @@ def test_corpus_default_shows_fingerprint():
 ])
 def test_user_errors_are_one_line(args, words, tmp_path):
     assert_user_error(run(*args, cwd=tmp_path), *words)
+
+
+# Usage errors found by the parser itself, before any command runs: unknown options and
+# commands, values of the wrong type, missing arguments.
+USAGE_ERRORS = [
+    (("train", "--stesp", "3"), ("--stesp",)),
+    (("train", "--steps", "abc"), ("--steps",)),
+    (("nosuchcmd",), ("nosuchcmd",)),
+    (("export",), ("checkpoint",)),
+    (("tokenizer", "nosuch"), ("nosuch",)),
+    (("generate", "/x", "--max-new-tokens", "many"), ("--max-new-tokens",)),
+]
+
+
+def installed_lmobj() -> str:
+    """The ``lmobj`` console script installed next to this interpreter (what users run)."""
+    script = Path(sys.executable).with_name("lmobj")
+    if not script.is_file():
+        pytest.skip(f"no installed lmobj script next to {sys.executable} (package not installed)")
+    return str(script)
+
+
+@pytest.mark.parametrize("args,words", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_through_main_are_one_line(args, words):
+    import runs_util as ru
+
+    code, _, err = ru.run_cli(list(args))
+    assert_one_error_line(code, err, *words)
+
+
+def test_usage_errors_of_the_installed_script_are_one_line(tmp_path):
+    script = installed_lmobj()
+    for args, words in USAGE_ERRORS[:4]:
+        p = subprocess.run([script, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert_user_error(p, *words)
+
+
+def test_bare_command_prints_help_and_succeeds():
+    import runs_util as ru
+
+    code, out, err = ru.run_cli([])
+    assert code == 0 and "train" in out and "Traceback" not in err

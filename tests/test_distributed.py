@@ -63,8 +63,19 @@ def make_store(root: Path) -> Path:
     return root / "store"
 
 
+# 2-process equivalence runs beyond CLM: every objective family on the decoder, the
+# encoder(-decoder) ones on theirs, and both MTP head designs (two heads).
+MTP_PARAMS = {"mtp-parallel": {"n_heads": 2, "head_design": "parallel"},
+              "mtp-sequential": {"n_heads": 2, "head_design": "sequential"}}
+EQUIVALENCE = [*VARIABLE_TARGETS, *[o for o in ("fim", "ul2", "prefix") if o in OBJECTIVES],
+               *(MTP_PARAMS if "mtp" in OBJECTIVES else [])]
+
+
 def config(store: Path, objective: str = "clm", strategy: str = "ddp", **train_keys) -> dict:
-    return {"objective": objective, "data": {"store": str(store), "seq_len": 32},
+    params = MTP_PARAMS.get(objective)
+    objective = "mtp" if params else objective
+    return {"objective": objective, "objective_params": params or {},
+            "data": {"store": str(store), "seq_len": 32},
             "model": {"preset": "tiny", "precision": "fp32"},
             "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": 2, "eval_batches": 1,
                       "warmup_fraction": 0.0, "lr": 1e-2, **train_keys},
@@ -76,9 +87,9 @@ def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if not r.get("eval")}
+    return {r["step"]: r[key] for r in records if not r.get("eval")}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +99,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {name: root / name for name in ("ddp-clm", "fsdp-clm", "ddp-clm-resumed", "fsdp-clm-resumed")}
     jobs = [{"out": str(out["ddp-clm"]), "config": config(store)},
             {"out": str(out["fsdp-clm"]), "config": config(store, strategy="fsdp")}]
-    for objective in VARIABLE_TARGETS:
+    for objective in EQUIVALENCE:
         out[f"ddp-{objective}"] = root / f"ddp-{objective}"
         jobs.append({"out": str(out[f"ddp-{objective}"]), "config": config(store, objective)})
     for strategy in ("ddp", "fsdp"):
@@ -100,7 +111,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                              "--nproc-per-node=2", str(HERE / "distributed_jobs.py"), str(spec)],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for objective in ["clm", *VARIABLE_TARGETS]:  # the references, meanwhile
+        for objective in ["clm", *EQUIVALENCE]:  # the references, meanwhile
             out[f"one-{objective}"] = root / f"one-{objective}"
             tree = {**config(store, objective, grad_accum=2), "out": str(out[f"one-{objective}"])}
             train(build_config(tree), progress=False, say=lambda m: None)
@@ -126,15 +137,26 @@ def test_the_runs_read_padded_rows(runs):
     assert any((loader.batch(g)[0].tokens == pad).any() for g in range(2 * STEPS))
 
 
-@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", *[f"ddp-{o}" for o in VARIABLE_TARGETS],
+@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", *[f"ddp-{o}" for o in EQUIVALENCE],
                                   *[pytest.param(f"ddp-{o}", marks=pytest.mark.skip(
                                       reason=f"objective '{o}' is not registered in this tree"))
-                                    for o in ("mlm", "span") if o not in VARIABLE_TARGETS]])
+                                    for o in ("mlm", "span", "fim", "ul2", "prefix", "mtp")
+                                    if o not in OBJECTIVES]])
 def test_two_processes_make_the_updates_of_one_with_twice_the_accumulation(runs, name):
-    two, one = losses(runs[name]), losses(runs[f"one-{name.split('-', 1)[1]}"])
+    """Loss alone would hide a gradient-scale error (AdamW normalises it away, clipping caps
+    it): the gradient norm before clipping and the weights after the last step must agree too."""
+    reference = runs[f"one-{name.split('-', 1)[1]}"]
+    two, one = losses(runs[name]), losses(reference)
     assert sorted(two) == list(range(1, STEPS + 1)) == sorted(one)
     for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), f"step {step}"
+        assert two[step] == pytest.approx(one[step], rel=1e-5), f"loss at step {step}"
+    norm2, norm1 = losses(runs[name], "grad_norm"), losses(reference, "grad_norm")
+    for step in one:
+        assert norm2[step] == pytest.approx(norm1[step], rel=1e-4), f"grad_norm at step {step}"
+    a, b = load_file(runs[name] / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     assert one[STEPS] < one[1]  # it trained
 
 
@@ -185,7 +207,16 @@ def test_fsdp_reshards_to_one_process_when_allowed(runs, tmp_path):
     state = trainer.run.model.state_dict()
     for k in ddp:
         torch.testing.assert_close(state[k], ddp[k], rtol=1e-4, atol=1e-5)
-    trainer.fit()  # the optimizer state came through too: it trains on
+    # The Adam moments came through: equal to the 2-process DDP run's at step 2 (a fresh
+    # optimizer would have none; FSDP vs DDP differ by reduction order only).
+    saved = torch.load(runs["ddp-clm"] / "checkpoints" / "step-0000002" / "optimizer.pt", weights_only=True)
+    restored = trainer.optimizer.state_dict()["state"]
+    assert sorted(restored) == sorted(saved["state"]) and len(restored) > 0
+    for i, moments in saved["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(restored[i][key], moments[key], rtol=1e-4, atol=1e-7)
+        assert float(restored[i]["step"]) == 2
+    trainer.fit()  # and it trains on
     assert trainer.step == STEPS
     assert (tmp_path / "copy" / "checkpoints" / f"step-{STEPS:07d}" / ".metadata").is_file()
 

@@ -160,6 +160,26 @@ def hook_publish(n: int, after: bool):
     return install
 
 
+def hook_prune(n: int):
+    """Killed half-way through deleting the n-th pruned checkpoint: one of its files is gone."""
+    def install() -> None:
+        import shutil
+
+        real, count = shutil.rmtree, [0]
+
+        def rmtree(path, *a, **kw):  # noqa: ANN001,ANN002,ANN003
+            # a pruned checkpoint, under its own name or renamed first (not a failed write)
+            if "step-" in Path(path).name and ".tmp-" not in Path(path).name:
+                count[0] += 1
+                if count[0] == n:
+                    (Path(path) / "model.safetensors").unlink()
+                    ru.kill_self()
+            return real(path, *a, **kw)
+
+        shutil.rmtree = rmtree  # (in the child only)
+    return install
+
+
 def hook_export() -> None:
     import lmobjectives.export as ex
 
@@ -198,6 +218,7 @@ TARGETED = [
     ("checkpoint write: model.safetensors of step 6 half written", hook_half_written_model(2)),
     ("checkpoint write: complete, before the rename of step 6", hook_publish(2, after=False)),
     ("checkpoint write: renamed, before pruning old ones (step 9)", hook_publish(3, after=True)),
+    ("pruning step 3's checkpoint, half deleted (step 9)", hook_prune(1)),
     ("final export, before its rename", hook_export),
     ("half a metrics line at step 8", hook_half_metrics_line(8)),
 ]
@@ -242,26 +263,22 @@ def test_kill_anywhere_then_resume_is_bit_exact(store, reference, tmp_path):
     trials += [(f"SIGTERM twice #{i + 1}", None, "term", 0.5 * rng.random()) for i in range(N_SIGTERMS)]
     for i, (name, hook, signal_kind, frac) in enumerate(trials):
         out = tmp_path / f"t{i}"
-        p = ru.start_child(args(out), tmp_path / f"t{i}.log", hook)
-        if signal_kind is not None:
-            _wait_for_first_step(out, p)
-            time.sleep(frac * alive)
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL if signal_kind == "kill" else signal.SIGTERM)
-                if signal_kind == "term":
-                    time.sleep(0.05)
-                    if p.is_alive():
-                        os.kill(p.pid, signal.SIGTERM)
+        log = tmp_path / f"t{i}.log"
+        if signal_kind is None:
+            p = ru.start_child(args(out), log, hook)
             p.join(CHILD_TIMEOUT)
+            assert p.exitcode == -signal.SIGKILL, f"{name}: the hook did not fire (exit {p.exitcode})"
         else:
-            p.join(CHILD_TIMEOUT)
-        killed = p.exitcode == -signal.SIGKILL
-        if signal_kind == "term":
-            assert p.exitcode == 0, f"{name}: SIGTERM must end the run with exit 0, got {p.exitcode}"
-        elif hook is not None:
-            assert killed, f"{name}: the hook did not fire (exit {p.exitcode})"
+            p = _signalled_run(lambda: args(out), out, log, signal_kind, frac * alive)
+            _assert_interrupted(p, out, log, signal_kind, name)
         ckpts = [c.name for c in list_checkpoints(out)]
+        # Whatever the moment of death, every step-N/ left visible is complete (a later prune
+        # could otherwise delete a damaged one before the checks after the resume see it).
+        steps_dirs = [p for p in (out / "checkpoints").glob("step-*")] if (out / "checkpoints").is_dir() else []
+        damaged = [r for r in verify_run(out) if "checkpoint" in r and not r.get("ok")] if steps_dirs else []
         ok, why = _resume_and_compare(out, reference, tmp_path / f"t{i}.resume.log")
+        if damaged:
+            ok, why = False, f"damaged checkpoint left by the interruption: {damaged}"
         results.append((name, p.exitcode, ckpts[-1] if ckpts else "-", ok, why))
     print("\nkill trials (name | exit | newest complete checkpoint | exact):")
     for name, code, ck, ok, why in results:
@@ -269,6 +286,54 @@ def test_kill_anywhere_then_resume_is_bit_exact(store, reference, tmp_path):
     exact = sum(r[3] for r in results)
     print(f"{len(results)} interrupted runs, {exact} resumed bit-exactly")
     assert exact == len(results), [r for r in results if not r[3]]
+
+
+def _signalled_run(args: Callable[[], list[str]], out: Path, log: Path, kind: str, delay: float,
+                   attempts: int = 4):  # noqa: ANN202
+    """A child that receives SIGKILL (``kind="kill"``) or two SIGTERMs ``delay`` seconds after
+    its first logged step. A child that finished before the signal proves nothing: the trial
+    is rerun from scratch with half the delay, up to ``attempts`` times."""
+    import shutil
+
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        p = ru.start_child(args(), log)
+        _wait_for_first_step(out, p)
+        time.sleep(delay)
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+            if kind == "term":
+                time.sleep(0.05)
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)  # a second SIGTERM must change nothing
+        p.join(CHILD_TIMEOUT)
+        if kind == "kill" and p.exitcode != 0:
+            return p
+        if kind == "term" and _stopped_at(log.read_text()) not in (None, STEPS):
+            return p  # (a stop in the last step cannot show a checkpoint before the last)
+        delay /= 2
+    return p
+
+
+def _stopped_at(text: str) -> int | None:
+    if "stopped by signal at step" not in text:
+        return None
+    return int(text.split("stopped by signal at step")[1].split()[0].strip(".,;:"))
+
+
+def _assert_interrupted(p, out: Path, log: Path, kind: str, name: str) -> None:  # noqa: ANN001
+    """The signal, not a normal finish, ended the run: death by SIGKILL, or for SIGTERM exit 0
+    with the line saying so and a checkpoint at the stop step, before the last step."""
+    if kind == "kill":
+        assert p.exitcode == -signal.SIGKILL, f"{name}: not killed (exit {p.exitcode}): {log.read_text()[-1500:]}"
+        return
+    text = log.read_text()
+    assert p.exitcode == 0, f"{name}: SIGTERM must end the run with exit 0, got {p.exitcode}"
+    assert "stopped by signal at step" in text, f"{name}: the run was not stopped by the signal"
+    stopped = _stopped_at(text)
+    ckpts = [int(c.name.split("-")[1]) for c in list_checkpoints(out)]
+    assert ckpts and ckpts[-1] == stopped < STEPS, f"{name}: stopped at {stopped}, checkpoints {ckpts}"
+    assert not (out / "final").exists(), f"{name}: a stopped run must not export"
 
 
 def test_sigterm_saves_and_exits_zero_within_20s(store, tmp_path):
@@ -285,8 +350,8 @@ def test_sigterm_saves_and_exits_zero_within_20s(store, tmp_path):
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.05)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        assert proc.poll() is None, "the run ended before the second SIGTERM"
+        proc.send_signal(signal.SIGTERM)  # must change nothing: still one save, exit 0
         stdout, stderr = proc.communicate(timeout=20)
         took = time.monotonic() - sent
     finally:

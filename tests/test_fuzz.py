@@ -42,19 +42,35 @@ trees = st.recursive(scalars, lambda kids: st.one_of(
     max_leaves=12)
 
 
-def only_user_errors(fn, *a, **kw):  # noqa: ANN001,ANN002,ANN003,ANN201
+_FAILED = object()
+
+
+def only_user_errors(fn, *a, must_fail: bool = False, **kw):  # noqa: ANN001,ANN002,ANN003,ANN201
+    """``fn(...)``'s result, or None after a ``UserError`` with a message; any other exception
+    fails the test. With ``must_fail`` (an input known to be bad) success fails it too."""
     try:
-        return fn(*a, **kw)
+        out = fn(*a, **kw)
     except UserError as exc:
         assert str(exc).strip()  # a message to print, never an empty error
         return None
+    assert not must_fail, f"{getattr(fn, '__name__', fn)} accepted an input known to be bad"
+    return out
+
+
+def unknown_top_keys(tree: object) -> set[str]:
+    """Top-level keys the run config does not have: such a tree must be refused."""
+    from lmobjectives.config import RunConfig
+
+    return set(tree) - set(RunConfig.model_fields) if isinstance(tree, dict) else set()
 
 
 # ------------------------------------------------------------------------------ config
 @FUZZ
 @given(tree=st.dictionaries(st.sampled_from(KEYS), trees, max_size=5))
 def test_config_trees(tree):
-    only_user_errors(build_config, tree)
+    cfg = only_user_errors(build_config, tree, must_fail=bool(unknown_top_keys(tree)))
+    if cfg is not None:  # accepted: it round-trips to the same config
+        assert build_config(cfg.model_dump()) == cfg
 
 
 @FUZZ
@@ -65,7 +81,7 @@ def test_config_files(tmp_path, data):
     tree = only_user_errors(load_config_file, f)
     if tree is not None:
         assert isinstance(tree, dict)
-        only_user_errors(build_config, tree)
+        only_user_errors(build_config, tree, must_fail=bool(unknown_top_keys(tree)))
 
 
 @FUZZ
@@ -153,12 +169,19 @@ def test_checkpoint_files(checkpoint, which, data, cut, reseal):
         f = c / which
         original = f.read_bytes()
         f.write_bytes(data if data else original[: cut % (len(original) + 1)])
-        if reseal and which != CHECKSUMS:
+        changed = f.read_bytes() != original
+        resealed = reseal and which != CHECKSUMS
+        if resealed:
             files = {p.name: sha256_file(p) for p in sorted(c.iterdir()) if p.name != CHECKSUMS}
             (c / CHECKSUMS).write_text(json.dumps({"files": files, "self": stable_hash(files)}))
-        only_user_errors(verify_checkpoint, c)
+        # Changed bytes that were not resealed: the checksums must catch them.
+        only_user_errors(verify_checkpoint, c, must_fail=changed and not resealed)
         opt = torch.optim.AdamW(model.parameters())
-        only_user_errors(load_checkpoint, c, model, opt)
+        # Resealed: a binary file cut short or replaced by arbitrary bytes cannot parse; only a
+        # state.json that is still a JSON object may load (its fields are checked on resume,
+        # test_checkpoint_state_fields).
+        only_user_errors(load_checkpoint, c, model, opt,
+                         must_fail=changed and (not resealed or which != "state.json"))
 
 
 # ------------------------------------------------------------------------------ others
@@ -206,9 +229,17 @@ def test_metrics_log_plot(tmp_path, lines):
     from lmobjectives.report.plots import plot_loss
 
     (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    from lmobjectives.report.plots import plottable, read_metrics
+
+    (tmp_path / "loss.png").unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs for arbitrary text
-        plot_loss(tmp_path)
+        out = plot_loss(tmp_path)
+    has_loss = any(not r.get("eval") and plottable(r) for r in read_metrics(tmp_path))
+    if has_loss:  # a readable train record: a real PNG is drawn
+        assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert out is None and not (tmp_path / "loss.png").exists()
 
 
 @FUZZ

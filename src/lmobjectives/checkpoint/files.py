@@ -12,6 +12,7 @@ makes verification raise "checkpoint file …/model.safetensors is corrupt"; one
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -26,15 +27,6 @@ CHECKSUMS = "checksums.json"
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a directory is complete once it has its checksums)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / CHECKSUMS).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -74,9 +66,13 @@ def clean_leftovers(run_dir: Path) -> list[Path]:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` complete checkpoints."""
+    """Remove all but the newest ``keep`` complete checkpoints. Each is first renamed to a
+    hidden ``.step-N.old`` (one atomic step), so a process killed half-way through the
+    deletion leaves a leftover that the next start removes, never a damaged ``step-N/``."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        hidden = old.with_name(f".{old.name}.old")
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def file_sums(directory: Path, files: Iterable[Path]) -> dict[str, str]:

@@ -41,14 +41,49 @@ def main() -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(UserError.exit_code)
-    except Exception as exc:  # click's own usage errors
-        import click
+    except Exception as exc:  # the command-line parser's own errors
+        code = _parser_exit(exc)
+        if code is None:
+            raise
+        sys.exit(code)
 
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+
+def _parser_exceptions(name: str) -> tuple[type, ...]:
+    """Exception class ``name`` of the command-line parser: typer >= 0.26 carries its own copy
+    of click (``typer._click``) and its own Exit/Abort, older ones use click's; any may raise."""
+    import importlib
+
+    found = []
+    for module in ("typer", "typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _parser_exit(exc: BaseException) -> int | None:
+    """The exit code for a parser exception, after printing it (a usage error: one ``error:``
+    line, exit 2); None for any other exception."""
+    if isinstance(exc, _parser_exceptions("Exit")):
+        return exc.exit_code  # type: ignore[attr-defined]
+    if isinstance(exc, _parser_exceptions("NoArgsIsHelpError")):  # bare `lmobj`: its help
+        print(exc.ctx.get_help())  # type: ignore[attr-defined]
+        return 0
+    if isinstance(exc, _parser_exceptions("UsageError")):
+        ctx = exc.ctx  # type: ignore[attr-defined]
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
+        return UserError.exit_code
+    if isinstance(exc, _parser_exceptions("ClickException")):
+        print(f"error: {exc.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return UserError.exit_code
+    if isinstance(exc, _parser_exceptions("Abort")):
+        return 1
+    return None
+
+
+if __name__ == "__main__":
+    main()

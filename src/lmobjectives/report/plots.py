@@ -19,6 +19,12 @@ def save_figure(fig, path: Path) -> None:  # noqa: ANN001
         Path(tmp).unlink(missing_ok=True)
 
 
+def plottable(record: dict) -> bool:
+    """A record with a number for ``tokens`` and ``loss`` (a damaged line may lack either)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return number(record.get("tokens")) and number(record.get("loss"))
+
+
 def plot_loss(run_dir: str | Path) -> Path | None:
     """``loss.png``: train and eval loss against tokens seen; spikes and skipped steps marked."""
     import matplotlib
@@ -26,11 +32,11 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    train = [r for r in records if not r.get("eval") and "loss" in r]
+    records = [r for r in read_metrics(run_dir) if plottable(r)]
+    train = [r for r in records if not r.get("eval")]
     if not train:
         return None
-    evals = [r for r in records if r.get("eval") and "loss" in r]
+    evals = [r for r in records if r.get("eval")]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
     if evals:

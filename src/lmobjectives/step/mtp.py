@@ -70,6 +70,10 @@ class MTPModule:
     """TrainModule for ``MTPModel``: terms ``loss`` (head 1, the next-token loss reported as
     the run's loss), ``depth2`` ... ``depthN``."""
 
+    # It calls the model's parts, not its forward: data parallelism must sum the gradients
+    # itself (``train/summed_gradients.py``), DDP's hooks would not fire.
+    calls_model_parts = True
+
     def __init__(self, model: MTPModel, objective: MTP, bf16: bool = False, strategy: str = "sequential") -> None:
         if strategy not in ("sequential", "naive"):
             raise ValueError(f"unknown strategy {strategy!r}")

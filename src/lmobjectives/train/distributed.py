@@ -144,6 +144,10 @@ def parallelize(run: "Run", world: World) -> None:
         return
     if run.cfg.distributed.strategy == "fsdp":
         shard_model(run.model, bf16=run.bf16)
+    elif getattr(run.model_with_loss, "calls_model_parts", False):
+        from lmobjectives.train.summed_gradients import SummedGradientsModule
+
+        run.model_with_loss = SummedGradientsModule(run.model_with_loss)
     else:
         run.model_with_loss = DataParallelModule(run.model_with_loss, run.device)
 

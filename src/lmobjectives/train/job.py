@@ -24,7 +24,7 @@ from lmobjectives.train.budget import parse_duration
 from lmobjectives.train.calibrate import start_plan, timed_setup
 from lmobjectives.train.loop import Stop, Trainer
 from lmobjectives.runtime import seed_everything
-from lmobjectives.train.setup import Run, default_run_dir, open_run, write_run_files
+from lmobjectives.train.setup import Run, default_run_dir, open_run, write_config_first, write_run_files
 from lmobjectives.util import atomic_write_json
 
 
@@ -86,10 +86,12 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
         run_dir = Path(resume)
     else:
         run_dir = broadcast_object(Path(cfg.out) if cfg.out else default_run_dir(cfg))
-        if lead:
-            _prepare_out(run_dir, overwrite)
     if cfg.out is None or Path(cfg.out) != run_dir:
         cfg = cfg.model_copy(update={"out": str(run_dir)})
+    if resume is None and lead:
+        _prepare_out(run_dir, overwrite)
+        write_config_first(cfg, run_dir)
+    barrier()  # no rank cleans leftovers below while rank 0 still writes config.yaml
     for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
         say(f"removed the leftover {p} of an interrupted write")
     calibration = None
@@ -108,6 +110,8 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
     trainer.started_at = started_at
     if resume is not None:
         ckpt = trainer.resume(force=force, allow_reshard=allow_reshard)
+        if lead and not (run_dir / "run.json").is_file():  # stopped before its setup ended
+            write_run_files(run)
         started = f"resumed from {ckpt.name}" if ckpt else "resumed (no checkpoint yet: from step 0)"
         if trainer.reshard_note:
             started += f", {trainer.reshard_note}"

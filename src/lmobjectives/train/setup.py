@@ -132,6 +132,17 @@ def build_run_model(spec: RunSpec, tok_from: str, init_info: dict[str, Any]) -> 
     return kind.wrap(model, spec.objective, cfg.train.seed, cfg.model.init_from)
 
 
+def write_config_first(cfg: RunConfig, run_dir: Path) -> None:
+    """``config.yaml`` of a new run, written (atomically) before any setup work: a run killed
+    while its tokenizer or store is prepared can then be resumed, and the setup redoes what is
+    missing. ``write_run_files`` rewrites it with the same content once the run is open."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(resolve_init(cfg)[0]).encode())
+    except OSError as exc:  # forbidden, read-only, under a file: the user's to fix
+        raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
+
+
 def write_run_files(run: Run) -> None:
     atomic_write_bytes(run.dir / "config.yaml", config_to_yaml(run.cfg).encode())
     atomic_write_json(run.dir / "run.json", {**run.info, "objective": run.cfg.objective,

@@ -121,7 +121,7 @@ def calibrate(cfg: RunConfig, run_dir: Path, plan_seconds: Callable[[], float], 
     ``plan_seconds()`` is the budget time left (it shrinks as calibration runs)."""
     sizing = needs_sizing(cfg)
     names = list(SHAPES) if sizing else [cfg.model.preset]
-    box = min(CALIBRATION_MAX_S, CALIBRATION_SHARE * (plan_seconds() + 0.0))
+    box = min(CALIBRATION_MAX_S, CALIBRATION_SHARE * plan_seconds())
     begin = clock()
     box_end = begin + box
     measured = []
@@ -237,6 +237,8 @@ def timed_setup(cfg: RunConfig, run_dir: Path, world: Any, started_at: float,
     record = broadcast_object(record)
     if needs_sizing(cfg):
         cfg = candidate_config(cfg, record["chosen"])
+    if (record.get("compile") or {}).get("used"):
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": True})})
     return cfg, record
 
 

@@ -77,7 +77,7 @@ def config(store: Path, objective: str = "clm", strategy: str = "ddp", **train_k
     return {"objective": objective, "objective_params": params or {},
             "data": {"store": str(store), "seq_len": 32},
             "model": {"preset": "tiny", "precision": "fp32"},
-            "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": 2, "eval_batches": 1,
+            "train": {"steps": STEPS, "batch_size": 4, "checkpoint_every": 2, "eval_batches": 3,
                       "warmup_fraction": 0.0, "lr": 1e-2, **train_keys},
             "distributed": {"strategy": strategy}}
 
@@ -99,6 +99,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {name: root / name for name in ("ddp-clm", "fsdp-clm", "ddp-clm-resumed", "fsdp-clm-resumed")}
     jobs = [{"out": str(out["ddp-clm"]), "config": config(store)},
             {"out": str(out["fsdp-clm"]), "config": config(store, strategy="fsdp")}]
+    for strategy in ("ddp", "fsdp"):  # the chunked loss through each wrapper's forward
+        out[f"{strategy}-clm-chunked"] = root / f"{strategy}-clm-chunked"
+        jobs.append({"out": str(out[f"{strategy}-clm-chunked"]),
+                     "config": config(store, strategy=strategy, loss_chunks=3)})
     for objective in EQUIVALENCE:
         out[f"ddp-{objective}"] = root / f"ddp-{objective}"
         jobs.append({"out": str(out[f"ddp-{objective}"]), "config": config(store, objective)})
@@ -137,7 +141,8 @@ def test_the_runs_read_padded_rows(runs):
     assert any((loader.batch(g)[0].tokens == pad).any() for g in range(2 * STEPS))
 
 
-@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", *[f"ddp-{o}" for o in EQUIVALENCE],
+@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", "ddp-clm-chunked", "fsdp-clm-chunked",
+                                  *[f"ddp-{o}" for o in EQUIVALENCE],
                                   *[pytest.param(f"ddp-{o}", marks=pytest.mark.skip(
                                       reason=f"objective '{o}' is not registered in this tree"))
                                     for o in ("mlm", "span", "fim", "ul2", "prefix", "mtp")
@@ -145,7 +150,7 @@ def test_the_runs_read_padded_rows(runs):
 def test_two_processes_make_the_updates_of_one_with_twice_the_accumulation(runs, name):
     """Loss alone would hide a gradient-scale error (AdamW normalises it away, clipping caps
     it): the gradient norm before clipping and the weights after the last step must agree too."""
-    reference = runs[f"one-{name.split('-', 1)[1]}"]
+    reference = runs[f"one-{name.split('-', 1)[1].removesuffix('-chunked')}"]
     two, one = losses(runs[name]), losses(reference)
     assert sorted(two) == list(range(1, STEPS + 1)) == sorted(one)
     for step in one:
@@ -158,6 +163,22 @@ def test_two_processes_make_the_updates_of_one_with_twice_the_accumulation(runs,
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     assert one[STEPS] < one[1]  # it trained
+
+
+@pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", *[f"ddp-{o}" for o in VARIABLE_TARGETS]])
+def test_evaluation_on_two_processes_equals_one(runs, name):
+    """Under DDP each rank scores its share of the 3 evaluation batches (2 + 1) and the sums
+    are all-reduced; under FSDP both score all 3. Either way: one process's numbers."""
+    two = json.loads((runs[name] / "eval.json").read_text())
+    one = json.loads((runs[f"one-{name.split('-', 1)[1]}"] / "eval.json").read_text())
+    assert two.keys() == one.keys() and "loss" in one
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert two[key] == pytest.approx(value, rel=1e-5), key
+        elif key != "loss_by_position":
+            assert two[key] == value, key
+    for bucket, value in one.get("loss_by_position", {}).items():
+        assert two["loss_by_position"][bucket] == pytest.approx(value, rel=1e-5), bucket
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -323,3 +344,23 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(runs, tmp_path):
     assert f"error: rank 0 stopped because rank 1 failed: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr and "SIGKILL" not in proc.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_killed_worker_restarts_and_the_run_resumes(runs, tmp_path):
+    """torchrun --max-restarts 1 with rank 1 killed at step 3: both workers start again, find
+    the run in --out with the same config, resume from step 2, and log what the uninterrupted
+    2-process run logged."""
+    import yaml
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(config(runs["store"])))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "--max-restarts=1", str(HERE / "distributed_restart.py"),
+                           "train", str(cfg_file), "--out", str(out), "--resume-if-exists"],
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ": new; objective clm" in proc.stderr and "resumed from step-0000002" in proc.stderr
+    assert losses(out) == losses(runs["ddp-clm"])
+    assert_same_weights(runs["ddp-clm"] / "final", out / "final")
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,6 +44,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.01, ge=0, lt=1)
     encoding: Literal["strict", "replace", "skip"] = "skip"
     text_field: str = "text"
+    split: str = "train"  # the split of an HF datasets directory (``DatasetDict.save_to_disk``)
 
 
 class TrainConfig(_Strict):
@@ -54,6 +55,9 @@ class TrainConfig(_Strict):
     time: str | None = None
     batch_size: int = Field(8, ge=1)  # per-device micro-batch, in rows
     grad_accum: int = Field(1, ge=1)
+    # Output head + loss over this many row chunks, so (B*T, V) logits never exist at once
+    # (loss.chunked_nll_sum); 1: in one piece; auto: chunks of at most 128 MiB of logits.
+    loss_chunks: Literal["auto"] | Annotated[int, Field(ge=1)] = 1
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, le=1)
@@ -126,6 +130,14 @@ class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
+class LogConfig(_Strict):
+    """Experiment trackers fed on top of ``metrics.jsonl`` (``train/trackers.py``); changing
+    them does not change the training, so a resumed run may add or drop one."""
+
+    backends: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    wandb_project: str = "lmobjectives"
+
+
 class RunConfig(_Strict):
     # The default job: a code model, CLM + FIM at rate 0.5 (FIM paper: infilling "for free").
     objective: str = "fim"
@@ -135,6 +147,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
 
     @model_validator(mode="before")
@@ -291,14 +304,14 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 # Keys a resumed run may change: it continues with its own config otherwise.
-RESUME_MAY_CHANGE = ("train.steps",)
+RESUME_MAY_CHANGE = ("train.steps", "log.backends")  # trackers watch a run, they do not change it
 
 
 def check_resume_flags(given: dict[str, Any], config_file: str | None, sets: list[str] | None) -> None:
-    """``--resume`` continues a run with its own config: only ``--steps`` may change."""
+    """``--resume`` continues a run with its own config: only ``--steps`` (and ``--log``) may change."""
     extra = set(given) - set(RESUME_MAY_CHANGE)
     if extra or config_file or sets:
-        raise UserError("--resume continues a run with its own config; only --steps may change "
+        raise UserError("--resume continues a run with its own config; only --steps may change (and --log) "
                         f"(got {', '.join(sorted(extra)) or 'a config'})")
 
 

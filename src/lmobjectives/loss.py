@@ -45,3 +45,84 @@ def top1_correct(flat: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -
     safe = torch.where(keep, target, 0)  # (N,), ignored rows point at any valid id
     hit = flat.gather(1, safe[:, None]).squeeze(1) >= flat.amax(-1)  # (N,)
     return (hit & keep).sum()
+
+
+# ---------------------------------------------------------------------- chunked linear CE
+# Budget of one chunk's fp32 logits. ``auto`` keeps the one-piece path while the whole (B·T, V)
+# block fits in it (the default job: 8 x 256 rows x 8,192 ids = 64 MiB), and chunks beyond.
+CHUNK_LOGITS_BYTES = 128 * 2**20
+
+
+def resolve_chunks(setting: int | str, rows: int, vocab: int) -> int:
+    """Number of row chunks for ``rows`` positions scored against ``vocab`` ids."""
+    if setting == "auto":
+        return max(1, -(-rows * vocab * 4 // CHUNK_LOGITS_BYTES))
+    return max(1, min(int(setting), rows))
+
+
+def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    labels: torch.Tensor, shift: bool, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_nll_sum`` of ``F.linear(hidden, weight, bias)`` without (B·T, V) logits.
+
+    ``hidden`` (B, T, d) is the output projection's input. The same rows are scored (and
+    compacted when sparse) as in ``token_nll_sum``, so the two agree to rounding."""
+    target = aligned_labels(labels, shift).reshape(-1)  # (B*T,)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
+    keep = target != IGNORE
+    if int(keep.sum()) * 2 < target.numel():
+        flat, target = flat[keep], target[keep]  # (N, d), (N,)
+    need_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(flat, weight, bias, target, chunks, need_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of a linear projection, chunk by chunk over rows, with the
+    gradients computed during the forward (Liger's fused linear cross-entropy, in PyTorch).
+
+    Each chunk's logits z = h W^T + b are formed in fp32, give the loss and
+    ∂(Σ nll)/∂z = softmax(z) − onehot(target) (zero on ignored rows), which is turned into
+    ∂/∂h and ∂/∂W at once and dropped. Backward only scales those by the incoming scalar.
+    Peak memory: one chunk's logits plus ∂/∂W (V, d) and ∂/∂h (N, d), instead of the full
+    (N, V) logits, their log-softmax and their gradient; compute: the same three matmuls."""
+
+    @staticmethod
+    def forward(ctx, flat, weight, bias, target, chunks, need_grad):  # noqa: ANN001, ANN205
+        grad_h = torch.zeros_like(flat) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if need_grad and bias is not None else None)
+        nll = torch.zeros((), dtype=torch.float32, device=flat.device)
+        correct = torch.zeros((), dtype=torch.int64, device=flat.device)
+        step = -(-flat.shape[0] // chunks) if flat.shape[0] else 1
+        for lo in range(0, flat.shape[0], step):
+            h, t = flat[lo:lo + step], target[lo:lo + step]  # (n, d), (n,)
+            z = F.linear(h, weight, bias).float()  # (n, V): the autocast dtype's matmul, as today
+            valid = t != IGNORE
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+            # nll = lse - z[t]: one pass over z for the loss and the gradient alike.
+            nll += ((lse[:, 0] - z.gather(1, t.clamp(min=0)[:, None])[:, 0]) * valid).sum()
+            correct += ((z.argmax(-1) == t) & valid).sum()
+            if not need_grad:
+                continue
+            # softmax(z) - onehot(t), in place in z's buffer; zero on ignored rows.
+            dz = z.sub_(lse).exp_()  # (n, V)
+            dz.scatter_add_(1, t.clamp(min=0)[:, None], -valid[:, None].to(dz.dtype))
+            dz.mul_(valid[:, None])
+            # Under autocast these matmuls run in its dtype, as the one-piece path's backward.
+            grad_h[lo:lo + step] = (dz.to(weight.dtype) @ weight).to(flat.dtype)  # (n, d)
+            grad_w += (dz.t().to(h.dtype) @ h).float()  # (V, d)
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(correct)
+        return nll, correct
+
+    @staticmethod
+    def backward(ctx, g_nll, _g_correct):  # noqa: ANN001, ANN205
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if grad_h is None:
+            raise RuntimeError("chunked_nll_sum ran without gradients (no_grad or frozen inputs)")
+        gw = (grad_w * g_nll).to(ctx.dtypes[0])
+        gb = None if grad_b is None else (grad_b * g_nll).to(ctx.dtypes[1])
+        return grad_h * g_nll.to(grad_h.dtype), gw, gb, None, None, None

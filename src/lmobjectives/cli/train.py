@@ -44,10 +44,12 @@ def train(
     resume: Optional[str] = typer.Option(None, help="Continue this run from its newest checkpoint."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Any config key: --set train.lr=1e-3."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
+    resume_if_exists: bool = typer.Option(False, help="Resume the run in --out if it holds one with this config, else start it (for torchrun --max-restarts)."),
     force: bool = typer.Option(False, help="Resume even if the config or data changed."),
     nproc: Optional[int] = typer.Option(None, help="Processes on this machine (starts torchrun; one per GPU)."),
     strategy: Optional[str] = typer.Option(None, help="Several processes: ddp (default) or fsdp."),
     allow_reshard: bool = typer.Option(False, help="Resume on a different number of processes."),
+    log: Optional[List[str]] = typer.Option(None, help="Also log to tensorboard and/or wandb (repeatable; metrics.jsonl is always written)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model (no arguments: the default job, 4 minutes on the embedded default corpus).
@@ -69,7 +71,7 @@ def train(
              "train.checkpoint_every": checkpoint_every, "out": out,
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
              "train.new_embeddings_first": train_new_embeddings_first,
-             "distributed.strategy": strategy}
+             "distributed.strategy": strategy, "log.backends": log}
     given = given_flags(flags, mix)
     if steps is not None and time_ is not None:
         raise UserError("give --steps or --time, not both (a timed run plans its own steps)")
@@ -85,7 +87,8 @@ def train(
         os.environ["LMOBJ_STARTED_AT"] = repr(STARTED_AT)
         raise typer.Exit(launch_local(nproc, sys.argv[1:]))
     result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
-                       allow_reshard=allow_reshard, progress=not json_out, started_at=STARTED_AT)
+                       allow_reshard=allow_reshard, progress=not json_out,
+                       resume_if_exists=resume_if_exists, started_at=STARTED_AT)
     if lead:
         _print_result(result, json_out)
 

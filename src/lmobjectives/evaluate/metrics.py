@@ -9,6 +9,7 @@ number compares across tokenizers and objectives (the nanochat ``evaluate_bpb`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,16 +52,32 @@ def val_batches(source: PackedSource, batch_size: int, n_batches: int) -> list[R
     return out
 
 
+def no_reduce(sums: np.ndarray) -> np.ndarray:
+    return sums
+
+
+def my_share(n: int, share: tuple[int, int]) -> range:
+    """Batch indices this process scores when ``share = (rank, world)`` processes split ``n``
+    batches: every world-th, so the shares differ by at most one batch. Batch i keeps its own
+    seed ``(EVAL_SEED, i)`` whoever scores it, so the summed result equals one process's."""
+    rank, world = share
+    return range(rank, n, world)
+
+
 @torch.no_grad()
 def objective_eval(spec, rows_list: list[Rows], module: TrainModule,  # noqa: ANN001 - spec.RunSpec
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, share: tuple[int, int] = (0, 1),
+                   reduce: Callable[[np.ndarray], np.ndarray] = no_reduce) -> dict[str, Any]:
     """The objective's loss and top-1 accuracy on ``rows_list`` (its features drawn with a
-    fixed seed per batch), scored by ``module`` (the model with its loss, ``step/``)."""
+    fixed seed per batch), scored by ``module`` (the model with its loss, ``step/``). With
+    ``share`` this process scores its part of the batches and ``reduce`` sums (nll, correct,
+    count) over the processes (an all-reduce)."""
     nll = correct = count = 0.0
     was_training = module.model.training
     module.model.eval()
     try:
-        for i, rows in enumerate(rows_list):
+        for i in my_share(len(rows_list), share):
+            rows = rows_list[i]
             features = spec.objective(rows, np.random.default_rng([EVAL_SEED, i]))
             batch = spec.converter(features, spec.specials)
             n = module.counts(batch)
@@ -71,15 +88,19 @@ def objective_eval(spec, rows_list: list[Rows], module: TrainModule,  # noqa: AN
             count += float(n[0])
     finally:
         module.model.train(was_training)
+    nll, correct, count = (float(x) for x in reduce(np.array([nll, correct, count], dtype=np.float64)))
     loss = nll / max(count, 1)
     return {"loss": loss, "accuracy": correct / max(count, 1), "targets": int(count)}
 
 
 @torch.no_grad()
 def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_lengths: np.ndarray,  # noqa: ANN001
-                  device: torch.device, bf16: bool = False, by_position: bool = False) -> dict[str, Any]:
+                  device: torch.device, bf16: bool = False, by_position: bool = False,
+                  share: tuple[int, int] = (0, 1),
+                  reduce: Callable[[np.ndarray], np.ndarray] = no_reduce) -> dict[str, Any]:
     """Left-to-right scoring of plain text rows (CLM features) by a decoder; with
-    ``by_position`` also the loss per position bucket (``evaluate.positions``)."""
+    ``by_position`` also the loss per position bucket (``evaluate.positions``). ``share`` and
+    ``reduce`` split the batches over processes as in ``objective_eval``."""
     from lmobjectives.evaluate.positions import PositionLoss
 
     per_pos = PositionLoss(rows_list[0].tokens.shape[1]) if by_position and rows_list else None
@@ -90,8 +111,8 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
     was_training = model.training
     model.eval()
     try:
-        for rows in rows_list:
-            batch = to_decoder(clm(rows, np.random.default_rng(0)), specials)
+        for i in my_share(len(rows_list), share):
+            batch = to_decoder(clm(rows_list[i], np.random.default_rng(0)), specials)
             labels = batch["labels"]
             nbytes = np.where(labels >= 0, byte_lengths[np.maximum(labels, 0)], 0)
             keep = nbytes > 0  # special-token targets carry no bytes: out of both sums
@@ -109,6 +130,12 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
                 per_pos.add(pos[valid.cpu().numpy()], -picked[valid].double().cpu().numpy())
     finally:
         model.train(was_training)
+    buckets = [] if per_pos is None else [per_pos.nll, per_pos.count]
+    sums = reduce(np.concatenate([np.array([nats, n_bytes, n_tokens], dtype=np.float64), *buckets]))
+    nats, n_bytes, n_tokens = float(sums[0]), int(sums[1]), int(sums[2])
+    if per_pos is not None:
+        k = len(per_pos.nll)
+        per_pos.nll, per_pos.count = sums[3:3 + k], sums[3 + k:].astype(np.int64)
     out = {"bits_per_byte": nats / max(n_bytes, 1) / math.log(2), "bpb_tokens": n_tokens,
            "bytes": n_bytes, "lm_loss": nats / max(n_tokens, 1)}
     if per_pos is not None:
@@ -117,10 +144,11 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
 
 
 def left_to_right_bpb(spec, model: torch.nn.Module, rows_list: list[Rows], device: torch.device,  # noqa: ANN001
-                      bf16: bool = False) -> dict[str, Any] | None:
+                      bf16: bool = False, share: tuple[int, int] = (0, 1),
+                      reduce: Callable[[np.ndarray], np.ndarray] = no_reduce) -> dict[str, Any] | None:
     """Bits-per-byte (and loss by position) of a run's model on plain-text rows, for the
     architectures that score text left to right; None for the others."""
     if spec.architecture not in LEFT_TO_RIGHT:
         return None
     return bits_per_byte(model, rows_list, spec.specials, token_byte_lengths(spec.tokenizer),
-                         device, bf16, by_position=True)
+                         device, bf16, by_position=True, share=share, reduce=reduce)

@@ -49,7 +49,8 @@ def evaluate_dir(run_dir: str | Path, *, data: str | None = None, n_batches: int
     model = loaded.model.to(device)
     source, table = _eval_source(spec, run_dir, data)
     rows = val_batches(source, cfg.train.batch_size, n_batches)
-    out = objective_eval(spec, rows, step_module(model, spec.objective, spec.architecture, bf16), device)
+    module = step_module(model, spec.objective, spec.architecture, bf16, loss_chunks=cfg.train.loss_chunks)
+    out = objective_eval(spec, rows, module, device)
     res: dict[str, Any] = {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50)),
                            accuracy_key(cfg.objective): out["accuracy"], "tokens": out["targets"]}
     bpb = left_to_right_bpb(spec, model, rows, device, bf16)

@@ -194,9 +194,14 @@ class MTPModel(nn.Module):
 
     def logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """Shared unembedding of head ``k``'s hidden state: (B, T, V)."""
+        return self.lm.lm_head(self.projection_input(k, hidden))
+
+    def projection_input(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Head ``k``'s final norm, (B, T, d): what the shared ``lm.lm_head`` projects (the loss
+        may apply that projection chunk by chunk)."""
         if self.spec.head_design == "sequential" and k > 1:
-            return self.lm.lm_head(self.heads[k - 2].norm(hidden))
-        return self.lm.lm_head(self.lm.model.norm(hidden))
+            return self.heads[k - 2].norm(hidden)
+        return self.lm.model.norm(hidden)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:

@@ -27,14 +27,15 @@ def _unwrapped(model: torch.nn.Module, objective: Objective, seed: int,
 
 
 def _standard(model: torch.nn.Module, objective: Objective, architecture: str, bf16: bool,
-              compile_model: bool = False) -> TrainModule:
+              compile_model: bool = False, loss_chunks: int | str = 1) -> TrainModule:
     # torch.compile wraps the same parameters: checkpoints and export use the plain model.
-    return StandardModule(torch.compile(model) if compile_model else model, architecture, bf16=bf16)
+    return StandardModule(torch.compile(model) if compile_model else model, architecture, bf16=bf16,
+                          loss_chunks=loss_chunks)
 
 
 def _mtp(model: torch.nn.Module, objective: Any, architecture: str, bf16: bool,
-         compile_model: bool = False) -> TrainModule:
-    return MTPModule(model, objective, bf16=bf16)
+         compile_model: bool = False, loss_chunks: int | str = 1) -> TrainModule:
+    return MTPModule(model, objective, bf16=bf16, loss_chunks=loss_chunks)
 
 
 @dataclass(frozen=True)
@@ -58,5 +59,6 @@ def model_kind(objective: Objective) -> ModelKind:
 
 
 def step_module(model: torch.nn.Module, objective: Objective, architecture: str, bf16: bool,
-                compile_model: bool = False) -> TrainModule:
-    return model_kind(objective).step(model, objective, architecture, bf16, compile_model)
+                compile_model: bool = False, loss_chunks: int | str = 1) -> TrainModule:
+    """The model with its loss; ``loss_chunks`` as ``train.loss_chunks`` (``loss.py``)."""
+    return model_kind(objective).step(model, objective, architecture, bf16, compile_model, loss_chunks)

@@ -32,7 +32,7 @@ import torch
 
 from lmobjectives.data.converters import IGNORE
 from lmobjectives.errors import UserError
-from lmobjectives.loss import token_nll_sum
+from lmobjectives.loss import chunked_nll_sum, resolve_chunks, token_nll_sum
 from lmobjectives.models.presets import DECODER_PRESETS, check_preset
 from lmobjectives.models.mtp import MTPModel, MTPSpec, init_heads, load_heads, read_heads_spec
 from lmobjectives.objectives.mtp import MTP, depth_targets
@@ -74,10 +74,12 @@ class MTPModule:
     # itself (``train/summed_gradients.py``), DDP's hooks would not fire.
     calls_model_parts = True
 
-    def __init__(self, model: MTPModel, objective: MTP, bf16: bool = False, strategy: str = "sequential") -> None:
+    def __init__(self, model: MTPModel, objective: MTP, bf16: bool = False, strategy: str = "sequential",
+                 loss_chunks: int | str = 1) -> None:
         if strategy not in ("sequential", "naive"):
             raise ValueError(f"unknown strategy {strategy!r}")
         self.model = model
+        self.loss_chunks = loss_chunks
         self.objective = objective
         self.bf16 = bf16
         self.strategy = strategy
@@ -110,7 +112,12 @@ class MTPModule:
         return next(self.model.parameters()).device
 
     def _score(self, k: int, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.model.lm.lm_head
+        chunks = resolve_chunks(self.loss_chunks, labels.numel(), head.out_features)
         with autocast(self._device(), self.bf16):
+            if chunks > 1:  # head k's logits never held whole either
+                x = self.model.projection_input(k, hidden)  # (B, T, d)
+                return chunked_nll_sum(x, head.weight, head.bias, labels, False, chunks)
             logits = self.model.logits(k, hidden)  # (B, T, V)
         return token_nll_sum(logits, labels, shift=False)
 

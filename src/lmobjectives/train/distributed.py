@@ -43,8 +43,9 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -81,6 +82,19 @@ class World:
             self.owns_group = False
 
 
+def _restart_store(timeout: timedelta):  # noqa: ANN202 - dist.Store | None
+    """The store of a group restarted by ``torchrun --max-restarts``, under a prefix of its own.
+    The agent keeps one store across restarts, so a restarted group would otherwise find the
+    addresses its dead predecessors published there and connect to closed ports (gloo fails
+    its connection mesh now and then)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"lmobj/attempt{restart}", base)
+
+
 def init_world() -> World:
     """Join the process group that ``torchrun``'s environment describes (reusing one the caller
     already made); one process without that environment is a world of one."""
@@ -96,11 +110,14 @@ def init_world() -> World:
         # Ranks wait at the next collective while rank 0 writes a full (DDP) checkpoint or the
         # final export: allow that much longer than NCCL's 10-minute default.
         timeout = timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES)
+        store = _restart_store(timeout)
+        where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                          "world_size": world_size}
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout, **where)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo", timeout=timeout, **where)
         owns = True
     try:
         from torch.distributed.distributed_c10d import _get_default_store
@@ -150,6 +167,22 @@ def parallelize(run: "Run", world: World) -> None:
         run.model_with_loss = SummedGradientsModule(run.model_with_loss)
     else:
         run.model_with_loss = DataParallelModule(run.model_with_loss, run.device)
+
+
+def eval_share(run: "Run") -> tuple[tuple[int, int], Callable[[np.ndarray], np.ndarray]]:
+    """(share, reduce) for ``evaluate.metrics``: under DDP each rank scores every world-th
+    evaluation batch and the sums are all-reduced, so evaluation costs 1/world of a pass per
+    rank and gives the numbers of one process. Under FSDP every forward is a collective that
+    all ranks must join, so each rank scores every batch."""
+    if run.world_size == 1 or run.cfg.distributed.strategy != "ddp":
+        return (0, 1), lambda sums: sums
+
+    def reduce(sums: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(sums, dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    return (run.rank, run.world_size), reduce
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -17,14 +17,16 @@ from lmobjectives.config import RunConfig
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
 from lmobjectives.report.plots import plot_loss
-from lmobjectives.train.distributed import (World, barrier, broadcast_object, export_final,
-                                            failures_end_every_rank, init_world, open_in_turn,
-                                            parallelize)
 from lmobjectives.train.budget import parse_duration
 from lmobjectives.train.calibrate import start_plan, timed_setup
+from lmobjectives.train.distributed import (World, barrier, broadcast_object, eval_share,
+                                            export_final, failures_end_every_rank, init_world,
+                                            open_in_turn, parallelize)
 from lmobjectives.train.loop import Stop, Trainer
+from lmobjectives.rundir import config_hash, load_run_config
 from lmobjectives.runtime import seed_everything
 from lmobjectives.train.setup import Run, default_run_dir, open_run, write_config_first, write_run_files
+from lmobjectives.train.trackers import Trackers, check_installed, open_trackers
 from lmobjectives.util import atomic_write_json
 
 
@@ -43,9 +45,33 @@ def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
     if src is None:
         return {}
     rows = val_batches(src, run.cfg.train.batch_size, n_batches or run.cfg.train.eval_batches)
-    out = objective_eval(run, rows, run.model_with_loss, run.device)
-    out.update(left_to_right_bpb(run, run.model, rows, run.device, run.bf16) or {})
+    share, reduce = eval_share(run)
+    out = objective_eval(run, rows, run.model_with_loss, run.device, share=share, reduce=reduce)
+    out.update(left_to_right_bpb(run, run.model, rows, run.device, run.bf16, share=share,
+                                 reduce=reduce) or {})
     return out
+
+
+def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None, overwrite: bool) -> Path | None:
+    """``cfg.out`` when it holds a run of the same config, None when it holds none. Rank 0
+    decides for every rank: the others could otherwise see the run files it is writing."""
+    if resume is not None or overwrite:
+        raise UserError("--resume-if-exists decides between starting and resuming by itself; "
+                        "leave out --resume and --overwrite")
+    if cfg.out is None:
+        raise UserError("--resume-if-exists needs --out: the run directory to start or resume")
+    out = Path(cfg.out)
+    decision: tuple[str | None, str | None] = (None, None)  # (run to resume, error)
+    if world.rank == 0 and (out / "config.yaml").is_file():
+        if config_hash(load_run_config(out)) == config_hash(cfg):
+            decision = (str(out), None)
+        else:
+            decision = (None, f"{out} holds a run with another config; give its own config (or "
+                              "--resume it), or choose another --out")
+    found, error = broadcast_object(decision)
+    if error is not None:
+        raise UserError(error)
+    return None if found is None else Path(found)
 
 
 def _prepare_out(run_dir: Path, overwrite: bool) -> None:
@@ -60,20 +86,28 @@ def _prepare_out(run_dir: Path, overwrite: bool) -> None:
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
           force: bool = False, allow_reshard: bool = False, progress: bool = True,
+          resume_if_exists: bool = False,
           say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
           started_at: float | None = None) -> TrainResult:
     """Train ``cfg`` (or continue the run in ``resume``). Under ``torchrun`` (or
     ``lmobj train --nproc N``) every process calls this: each trains its share of every global
     batch, rank 0 writes the run's files and speaks, and a failure on one rank ends them all
-    with its message (``train/distributed.py``). A timed run (``train.time``) counts its
-    budget from ``started_at`` (a ``time.time()``; default: now)."""
+    with its message (``train/distributed.py``). With ``resume_if_exists`` a run already in
+    ``cfg.out`` with the same config is continued and an empty ``cfg.out`` starts one — what
+    workers restarted by ``torchrun --max-restarts`` need. A timed run (``train.time``) counts
+    its budget from ``started_at`` (a ``time.time()``; default: now)."""
     started_at = time.time() if started_at is None else started_at
     world = init_world()
     threads = torch.get_num_threads()  # calibration may choose fewer; restored at the end
     with failures_end_every_rank(world), _restored_threads(threads):
+        if resume_if_exists:
+            resume = _existing_run(cfg, world, resume, overwrite)
         result = _train(cfg, world, resume=resume, overwrite=overwrite, force=force,
                         allow_reshard=allow_reshard, progress=progress,
                         say=say if world.rank == 0 else (lambda m: None), started_at=started_at)
+    if cfg.train.time is not None and world.rank == 0:
+        say(f"time: {time.time() - started_at:.1f} s of the {cfg.train.time} budget "
+            f"({result.final.get('step', 0)} steps, {result.final.get('tokens', 0) / 1e6:.2f} M tokens)")
     world.close()
     return result
 
@@ -82,6 +116,8 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
            allow_reshard: bool, progress: bool, say: Callable[[str], None],
            started_at: float) -> TrainResult:
     lead = world.rank == 0
+    if lead:
+        check_installed(cfg.log.backends)  # before any data is prepared
     if resume is not None:
         run_dir = Path(resume)
     else:
@@ -127,11 +163,28 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
                   f"({trainer.plan.seconds_left():.0f} s left)")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
         f"({n_params / 1e6:.2f} M parameters), {length}{procs}")
+    trackers = Trackers()
+    if lead and run.cfg.log.backends:
+        trackers = open_trackers(run.cfg.log.backends, run_dir, run.cfg.model_dump(mode="json"),
+                                 resume_at=(trainer.step, trainer.tokens) if resume is not None else None,
+                                 wandb_project=run.cfg.log.wandb_project,
+                                 warn=lambda m: say(f"warning: {m}"))
+    trainer.on_log = trackers.log
+    try:
+        return _fit(run, trainer, run_dir, started, trackers, say)
+    finally:
+        trackers.close()
+
+
+def _fit(run: Run, trainer: Trainer, run_dir: Path, started: str, trackers: Trackers,
+         say: Callable[[str], None]) -> TrainResult:
+    lead = run.rank == 0
     stopped = False
 
     def on_eval() -> None:
         if lead:
             plot_loss(run_dir)
+            trackers.image(run_dir / "loss.png", trainer.step)
 
     # From here to the end a SIGTERM only sets the stop flag: after ``fit`` a late or repeated
     # SIGTERM must not kill the process half-way through the final export, nor turn a clean
@@ -145,11 +198,7 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             stopped = True
             say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
                 f"Continue with: lmobj train --resume {run_dir}")
-        result = _finish(run, trainer, run_dir, started, last, stopped)
-    if cfg.train.time is not None:
-        say(f"time: {time.time() - started_at:.1f} s of the {cfg.train.time} budget "
-            f"({trainer.step} steps, {trainer.tokens / 1e6:.2f} M tokens)")
-    return result
+        return _finish(run, trainer, run_dir, started, last, stopped, trackers)
 
 
 @contextmanager
@@ -161,7 +210,7 @@ def _restored_threads(threads: int) -> Iterator[None]:
 
 
 def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
-            stopped: bool) -> TrainResult:
+            stopped: bool, trackers: Trackers) -> TrainResult:
     """Final evaluation and export (skipped when stopped: a resume redoes them)."""
     lead = run.rank == 0
     ev: dict[str, Any] = {}
@@ -174,5 +223,6 @@ def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[
         export_final(run, run_dir / "final")
     if lead:
         plot_loss(run_dir)
+        trackers.image(run_dir / "loss.png", trainer.step)
     barrier()
     return TrainResult(run_dir=run_dir, started=started, final=last, eval=ev, stopped=stopped)

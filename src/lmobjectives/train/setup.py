@@ -107,7 +107,7 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     model.to(device)
     bf16 = use_bf16(cfg.model.precision, device)
     with_loss = model_kind(spec.objective).step(model, spec.objective, spec.architecture, bf16,
-                                                cfg.model.compile)
+                                                cfg.model.compile, cfg.train.loss_chunks)
     info = {"tokenizer": tok_from, "init_from": cfg.model.init_from, "init": init_info or None,
             "sources": {s.name: {"path": str(s.store.path), "fingerprint": s.store.fingerprint,
                                  "weight": s.weight} for s in spec.sources}}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -26,13 +25,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lmobjectives.checkpoint import (clean_leftovers, is_sharded_checkpoint, list_checkpoints, load,
+from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load,
                                      read_checkpoint_state, save_checkpoint, save_sharded)
 from lmobjectives.errors import UserError
 from lmobjectives.train.budget import StepPlan
-from lmobjectives.train.distributed import agree_on_checkpoint, barrier, reshard_loader_state
+from lmobjectives.train.distributed import agree_on_checkpoint, barrier
 from lmobjectives.train.preflight import check_batch, preflight
 from lmobjectives.train.guards import GuardState
+from lmobjectives.train.resume_rules import check_resumable
 from lmobjectives.train.schedule import build_optimizer, lr_at
 from lmobjectives.rundir import config_hash, truncate_metrics
 from lmobjectives.runtime import to_torch
@@ -133,29 +133,9 @@ class Trainer:
         return path
 
     def _restore(self, state: dict[str, Any], path: Path, force: bool, allow_reshard: bool) -> None:
-        if not force:
-            if state["config_hash"] != config_hash(self.cfg):
-                raise UserError(f"the config of {self.run.dir} changed since {path.name} was written; "
-                                "resume with the same config, or pass --force")
-            if state["store_fingerprints"] != {s.name: s.store.fingerprint for s in self.run.sources}:
-                raise UserError(f"the data of {self.run.dir} changed since {path.name} was written "
-                                "(store fingerprint differs); pass --force to continue anyway")
-        loader_state = state["loader"]
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.run.world_size:
-            if not allow_reshard:
-                raise UserError(
-                    f"{path.name} was written by {saved_world} process(es), this run has "
-                    f"{self.run.world_size}; resume with {saved_world}, or pass --allow-reshard to "
-                    f"continue on {self.run.world_size} (the global batch becomes "
-                    f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * self.run.world_size} rows)")
-            loader_state, self.reshard_note = reshard_loader_state(loader_state, saved_world,
-                                                                   self.run.world_size)
-        if is_sharded_checkpoint(path) != self.run.sharded:
-            kinds = ("full (ddp or one process)", "sharded (fsdp)")
-            raise UserError(f"{path.name} is a {kinds[is_sharded_checkpoint(path)]} checkpoint but this "
-                            f"run's strategy is {self.cfg.distributed.strategy}; resume with the "
-                            "strategy that wrote it")
+        loader_state, note = check_resumable(self.run, state, path, force, allow_reshard)
+        if note is not None:
+            self.reshard_note = note
         _state, _sched, rng = load(path, self.run.model, self.optimizer)
         step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
         counter, guard = loader_state["counter"], state["guard"]
@@ -309,21 +289,7 @@ class Trainer:
 
     def _guard(self, record: dict[str, Any]) -> str | None:
         """Why this step's update is skipped (non-finite, spike), or None."""
-        t = self.cfg.train
-        loss, grad_norm = record["loss"], record["grad_norm"]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.guard.bad_in_row += 1
-            return "non-finite"
-        self.guard.bad_in_row = 0
-        skip = None
-        z = self.guard.spike(loss, t.spike_zscore)
-        if z is not None:
-            record["spike"] = round(z, 2)
-            if t.spike_action == "skip":
-                skip = "spike"
-        if skip is None:
-            self.guard.recent.append(loss)
-        return skip
+        return self.guard.verdict(record, self.cfg.train.spike_zscore, self.cfg.train.spike_action)
 
     def _account(self, micro: list, real_by_source: list[float], totals: torch.Tensor,
                  record: dict[str, Any]) -> None:

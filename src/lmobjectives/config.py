@@ -48,10 +48,11 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    # The defaults are the default job (`lmobj train`, no arguments): the small preset at
-    # 8 x 256 tokens a step runs ~2.2 s/step on 2 idle CPU cores (60 steps: 2 min 44 s for the
-    # whole job, measured), so 100 steps finish in about 4 minutes.
+    # A run is counted in steps or timed (``time``: "90s", "5m", "2h", "1d"; see
+    # train/budget.py), never both. The command line's default is the timed default job
+    # (``default_budget``); a config built in Python without either trains 100 steps.
     steps: int = Field(100, ge=0)
+    time: str | None = None
     batch_size: int = Field(8, ge=1)  # per-device micro-batch, in rows
     grad_accum: int = Field(1, ge=1)
     # Output head + loss over this many row chunks, so (B*T, V) logits never exist at once
@@ -78,6 +79,44 @@ class TrainConfig(_Strict):
     spike_zscore: float = Field(6.0, gt=0)
     spike_window: int = Field(50, ge=5)
     spike_action: Literal["log", "skip"] = "log"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _timed_defaults(cls, data: Any) -> Any:
+        """A timed run stops at a deadline, not at a known step: WSD fits (the decay starts
+        when the time left equals its share), decaying over 20% of the run (Hägele et al.
+        2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations":
+        a 20% cooldown matches cosine)."""
+        if isinstance(data, dict) and data.get("time") is not None:
+            data = {"schedule": "wsd", "decay_fraction": TIMED_DECAY_FRACTION, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_time(self) -> "TrainConfig":
+        if self.time is not None:
+            from lmobjectives.train.budget import parse_duration
+
+            parse_duration(self.time)
+            if "steps" in self.model_fields_set:
+                raise UserError("give a number of steps or a time budget, not both "
+                                f"(steps {self.steps}, time {self.time})")
+        return self
+
+
+TIMED_DECAY_FRACTION = 0.2
+# `lmobj train` without --steps or --time: a budget of 4 minutes (the default job; with the
+# default corpus it must end within 5 minutes on 2 CPU cores, setup and showcase included).
+DEFAULT_TIME = "4m"
+DEFAULT_JOB_CADENCE = {"eval_every": 200, "checkpoint_every": 100, "eval_batches": 12}
+
+
+def default_budget(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with the default time budget when it gives neither ``train.steps`` nor
+    ``train.time`` (with the default job's evaluation and checkpoint cadence, unless set)."""
+    train = tree.get("train") or {}
+    if "steps" in train or train.get("time") is not None:
+        return tree
+    return {**tree, "train": {**DEFAULT_JOB_CADENCE, **train, "time": DEFAULT_TIME}}
 
 
 # Continual runs re-warm over 1% of their steps (Ibrahim et al. 2024 §6.1: 0.5-2% warmup
@@ -264,7 +303,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config; a timed run's number of steps is its plan's (in the checkpoints
+    and ``run.json``), not a config key, so the file does not give both."""
+    tree = cfg.model_dump(mode="json")
+    if cfg.train.time is not None:
+        tree["train"].pop("steps")
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 # Keys a resumed run may change: it continues with its own config otherwise.
@@ -282,13 +326,14 @@ def check_resume_flags(given: dict[str, Any], config_file: str | None, sets: lis
 def config_from_flags(given: dict[str, Any], config_file: str | None,
                       sets: list[str] | None) -> RunConfig:
     """A new run's config: the config file, then the command's flags (dotted keys), then each
-    ``--set key=value`` in order — a later source wins."""
+    ``--set key=value`` in order — a later source wins; without steps or a time, the
+    default budget (``default_budget``)."""
     tree = load_config_file(config_file) if config_file else {}
     for key, value in given.items():
         set_key(tree, key, value)
     for assignment in sets or []:
         apply_set(tree, assignment)
-    return build_config(tree)
+    return build_config(default_budget(tree))
 
 
 def parse_mix(items: list[str]) -> list[dict[str, Any]]:

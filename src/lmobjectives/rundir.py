@@ -109,3 +109,17 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [rec for _, rec in parse_metric_lines(path.read_bytes().decode("utf-8", "replace"))]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` logged after ``last_step`` (a resumed run redoes
+    them), and lines cut by a crash."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    from lmobjectives.util import atomic_write_bytes
+
+    text = path.read_bytes().decode("utf-8", "replace")
+    keep = [line for line, rec in parse_metric_lines(text)
+            if isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= last_step]
+    atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())

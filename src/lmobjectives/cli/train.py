@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from lmobjectives.cli.common import _print_json, _say, app
+from lmobjectives.errors import UserError
+
+# When this command started: a timed run's budget counts from here (setup included). The
+# workers of `--nproc` inherit their launcher's start through the environment.
+STARTED_AT = float(os.environ.get("LMOBJ_STARTED_AT", time.time()))
 
 
 # ------------------------------------------------------------------------------------ train
@@ -27,6 +33,7 @@ def train(
     rope_theta: Optional[float] = typer.Option(None, help="New RoPE base, e.g. 1e6 for a longer context (written into the exported config)."),
     train_new_embeddings_first: Optional[int] = typer.Option(None, help="First K steps update only the rows of new tokens (extended tokenizer)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Time budget (90s, 5m, 2h, 1d), setup included; without --preset the model is sized for it. Default, when --steps is not given either: 4m."),
     batch_size: Optional[int] = typer.Option(None, help="Per-device micro-batch, in rows."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
     seq_len: Optional[int] = typer.Option(None, help="Sequence length."),
@@ -45,7 +52,7 @@ def train(
     log: Optional[List[str]] = typer.Option(None, help="Also log to tensorboard and/or wandb (repeatable; metrics.jsonl is always written)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train a model (no arguments: the default job on the embedded default corpus).
+    """Train a model (no arguments: the default job, 4 minutes on the embedded default corpus).
 
     Several processes: `--nproc N` on one machine, or `torchrun ... $(which lmobj) train ...`."""
     from lmobjectives.config import check_resume_flags, config_from_flags, given_flags
@@ -59,13 +66,15 @@ def train(
 
     flags = {"objective": objective, "data.corpus": corpus, "data.store": data,
              "data.tokenizer": tokenizer, "model.preset": preset, "model.init_from": init_from,
-             "train.steps": steps, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+             "train.steps": steps, "train.time": time_, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
              "data.seq_len": seq_len, "train.lr": lr, "train.seed": seed,
              "train.checkpoint_every": checkpoint_every, "out": out,
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
              "train.new_embeddings_first": train_new_embeddings_first,
              "distributed.strategy": strategy, "log.backends": log}
     given = given_flags(flags, mix)
+    if steps is not None and time_ is not None:
+        raise UserError("give --steps or --time, not both (a timed run plans its own steps)")
     if resume:
         check_resume_flags(given, config, set_)
         cfg = load_run_config(Path(resume), given)
@@ -75,10 +84,11 @@ def train(
         if init_from:
             say(f"initialising from {init_from}: weights only, fresh optimizer, step 0")
     if launching:
+        os.environ["LMOBJ_STARTED_AT"] = repr(STARTED_AT)
         raise typer.Exit(launch_local(nproc, sys.argv[1:]))
     result = run_train(cfg, resume=resume, overwrite=overwrite, force=force,
                        allow_reshard=allow_reshard, progress=not json_out,
-                       resume_if_exists=resume_if_exists)
+                       resume_if_exists=resume_if_exists, started_at=STARTED_AT)
     if lead:
         _print_result(result, json_out)
 
@@ -91,10 +101,17 @@ def _print_result(result, json_out: bool) -> None:  # noqa: ANN001 - train.job.T
     else:
         _say(f"done: {result.run_dir}  train loss {summary['loss'] if summary['loss'] is None else round(summary['loss'], 4)}")
         if result.eval:
-            _say("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in result.eval.items()))
+            _print_eval(result.eval)
         if not result.stopped:
             _print_showcase(result.run_dir)
+
+
+def _print_eval(ev: dict) -> None:
+    """Held-out numbers, the headline first: bits per byte (comparable across tokenizers)."""
+    scalars = {k: v for k, v in ev.items() if isinstance(v, (int, float))}
+    head = f"held-out bits/byte {scalars['bits_per_byte']:.3f}; " if "bits_per_byte" in scalars else ""
+    _say("eval: " + head + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in scalars.items() if k != "bits_per_byte"))
 
 
 def _print_showcase(run_dir: Path) -> None:
@@ -104,7 +121,8 @@ def _print_showcase(run_dir: Path) -> None:
     shown = showcase(str(run_dir))
     if "generation" in shown:
         g = shown["generation"]
-        print(f"--- generation (greedy, prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
+        print(f"--- generation (sampled: temperature {g['temperature']}, top-p {g['top_p']}, "
+              f"seed {g['seed']}; prompt {g['prompt']!r})\n{g['prompt'] + g['text']}")
     if "infill" in shown:
         f = shown["infill"]
         if f["kind"] == "sentinels":

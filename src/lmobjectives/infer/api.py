@@ -205,24 +205,29 @@ def _infill(loaded: Loaded, *, prefix: str | None, suffix: str | None, text: str
     return out
 
 
-# A fixed example for the end of `lmobj train`: a function body's missing return value.
-SHOWCASE_PROMPT = "def "
+# Fixed examples for the end of `lmobj train`: a sampled continuation of a code prompt (a
+# small model's greedy decoding loops on its most frequent tokens; sampling at T = 0.8,
+# top-p 0.95 shows what it learned, reproducibly with the seed) and a function body's
+# missing return value.
+SHOWCASE_PROMPT = "import os\n\n\ndef "
+SHOWCASE_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
 SHOWCASE_PREFIX = "def add(a, b):\n    return "
 SHOWCASE_SUFFIX = "\n\n\ndef sub(a, b):\n    return a - b\n"
 SHOWCASE_SPAN_TEXT = "def add(a, b):\n    return<extra_id_0>\n"
 
 
-def showcase(path: str, *, max_new_tokens: int = 32) -> dict[str, Any]:
-    """What a finished run can do, on fixed prompts: a short greedy generation (decoders and
-    prefix LMs), a FIM infill (FIM runs) or a sentinel infill (span/UL2 runs)."""
+def showcase(path: str, *, max_new_tokens: int = 48) -> dict[str, Any]:
+    """What a finished run can do, on fixed prompts: a short sampled generation (decoders and
+    prefix LMs; temperature, top-p and seed in the result), a FIM infill (FIM runs) or a
+    sentinel infill (span/UL2 runs)."""
     loaded = load_model(path)
     caps = run_capabilities(loaded)
     fixed = {"file": None, "line": None, "mode": "psm", "max_new_tokens": max_new_tokens,
              "temperature": 0.0, "top_p": 1.0, "seed": 0}
     out: dict[str, Any] = {}
     if loaded.architecture in ("decoder", "prefix_lm"):
-        out["generation"] = {"prompt": SHOWCASE_PROMPT, **generate_text(
-            path, SHOWCASE_PROMPT, max_new_tokens=max_new_tokens)}
+        out["generation"] = {"prompt": SHOWCASE_PROMPT, **SHOWCASE_SAMPLING, **generate_text(
+            path, SHOWCASE_PROMPT, max_new_tokens=max_new_tokens, **SHOWCASE_SAMPLING)}
     if loaded.architecture == "decoder" and fills_fim(caps):
         out["infill"] = {"prefix": SHOWCASE_PREFIX, "suffix": SHOWCASE_SUFFIX, **_infill(
             loaded, prefix=SHOWCASE_PREFIX, suffix=SHOWCASE_SUFFIX, text=None, **fixed)}

@@ -3,8 +3,9 @@
 Three families, one per architecture kind: a Llama-style decoder (decoder and prefix-LM
 objectives), a ModernBERT encoder (MLM) and a T5 encoder-decoder (span corruption, UL2).
 Sizes are chosen for the vocabulary of the shipped tokenizer (8,192 ids, tied embeddings):
-``tiny`` ≈ 1 M parameters (tests), ``small`` ≈ 17 M (the CPU default), ``base`` ≈ 120 M,
-``1b`` ≈ 1.1 B. Models return logits; they never compute a loss.
+``tiny`` ≈ 1 M parameters (tests), ``small`` ≈ 17 M, ``base`` ≈ 120 M, ``1b`` ≈ 1.1 B; the
+shapes of ``models.sizing`` (``d128-l4``, ...), which timed runs choose from, are presets of
+every family too. Models return logits; they never compute a loss.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import difflib
 from typing import Any
 
 from lmobjectives.errors import UserError
+from lmobjectives.models.sizing import SHAPES
 from lmobjectives.tokenizer.special import SpecialIds
 
 # name -> (hidden, layers, heads, kv_heads, intermediate)
@@ -28,6 +30,9 @@ ENCDEC_PRESETS: dict[str, tuple[int, int, int, int]] = {  # hidden, layers per s
     "small": (384, 4, 6, 1024),
     "base": (768, 12, 12, 2048),  # T5-base shape
 }
+DECODER_PRESETS.update({n: (s.hidden, s.layers, s.heads, s.heads, s.ff) for n, s in SHAPES.items()})
+ENCODER_PRESETS.update({n: (s.hidden, s.layers, s.heads, s.heads, s.ff) for n, s in SHAPES.items()})
+ENCDEC_PRESETS.update({n: (s.hidden, max(s.layers // 2, 1), s.heads, s.ff) for n, s in SHAPES.items()})
 FAMILY = {"decoder": "llama", "prefix_lm": "llama", "encoder": "modernbert", "encoder_decoder": "t5",
           "bidirectional_decoder": "llama"}
 PRESETS = {"llama": DECODER_PRESETS, "modernbert": ENCODER_PRESETS, "t5": ENCDEC_PRESETS}

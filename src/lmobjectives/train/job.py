@@ -7,15 +7,21 @@ import shutil
 import signal
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import torch
 
 from lmobjectives.checkpoint import clean_leftovers
 from lmobjectives.config import RunConfig
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
 from lmobjectives.report.plots import plot_loss
+from lmobjectives.train.budget import parse_duration
+from lmobjectives.train.calibrate import start_plan, timed_setup
 from lmobjectives.train.distributed import (World, barrier, broadcast_object, eval_share,
                                             export_final, failures_end_every_rank, init_world,
                                             open_in_turn, parallelize)
@@ -135,26 +141,34 @@ def _stop_setup_on_sigterm(trainer: list[Trainer]) -> Iterator[None]:
 def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
           force: bool = False, allow_reshard: bool = False, progress: bool = True,
           resume_if_exists: bool = False,
-          say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> TrainResult:
+          say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+          started_at: float | None = None) -> TrainResult:
     """Train ``cfg`` (or continue the run in ``resume``). Under ``torchrun`` (or
     ``lmobj train --nproc N``) every process calls this: each trains its share of every global
     batch, rank 0 writes the run's files and speaks, and a failure on one rank ends them all
     with its message (``train/distributed.py``). With ``resume_if_exists`` a run already in
     ``cfg.out`` with the same config is continued and an empty ``cfg.out`` starts one — what
-    workers restarted by ``torchrun --max-restarts`` need."""
+    workers restarted by ``torchrun --max-restarts`` need. A timed run (``train.time``) counts
+    its budget from ``started_at`` (a ``time.time()``; default: now)."""
+    started_at = time.time() if started_at is None else started_at
     world = init_world()
-    with failures_end_every_rank(world):
+    threads = torch.get_num_threads()  # calibration may choose fewer; restored at the end
+    with failures_end_every_rank(world), _restored_threads(threads):
         if resume_if_exists:
             resume = _existing_run(cfg, world, resume, overwrite)
         result = _train(cfg, world, resume=resume, overwrite=overwrite, force=force,
                         allow_reshard=allow_reshard, progress=progress,
-                        say=say if world.rank == 0 else (lambda m: None))
+                        say=say if world.rank == 0 else (lambda m: None), started_at=started_at)
+    if cfg.train.time is not None and world.rank == 0:
+        say(f"time: {time.time() - started_at:.1f} s of the {cfg.train.time} budget "
+            f"({result.final.get('step', 0)} steps, {result.final.get('tokens', 0) / 1e6:.2f} M tokens)")
     world.close()
     return result
 
 
 def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite: bool, force: bool,
-           allow_reshard: bool, progress: bool, say: Callable[[str], None]) -> TrainResult:
+           allow_reshard: bool, progress: bool, say: Callable[[str], None],
+           started_at: float) -> TrainResult:
     if world.rank == 0:
         check_installed(cfg.log.backends)  # before any data is prepared
     if resume is not None:
@@ -169,7 +183,7 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             with _stop_setup_on_sigterm(started_trainer):
                 trainer, started = _set_up(cfg, world, run_dir, resume=resume, overwrite=overwrite,
                                            force=force, allow_reshard=allow_reshard,
-                                           progress=progress, say=say)
+                                           progress=progress, say=say, started_at=started_at)
                 started_trainer.append(trainer)  # from here a SIGTERM only sets its stop flag
                 trackers = _open_trackers(trainer, run_dir, resumed=resume is not None, say=say)
                 try:
@@ -188,7 +202,7 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
 
 def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path | None,
             overwrite: bool, force: bool, allow_reshard: bool, progress: bool,
-            say: Callable[[str], None]) -> tuple[Trainer, str]:
+            say: Callable[[str], None], started_at: float) -> tuple[Trainer, str]:
     """Open (or reopen) the run and its trainer; returns (trainer, how it started)."""
     lead = world.rank == 0
     if resume is None and lead:
@@ -197,12 +211,20 @@ def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path |
     barrier()  # no rank cleans leftovers below while rank 0 still writes config.yaml
     for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
         say(f"removed the leftover {p} of an interrupted write")
+    calibration = None
+    if cfg.train.time is not None and resume is None:
+        cfg, calibration = timed_setup(cfg, run_dir, world, started_at, say, progress and lead)
     seed_everything(cfg.train.seed)
     run = open_in_turn(lambda: open_run(cfg, run_dir, progress=progress and lead, rank=world.rank,
                                         world_size=world.world_size), world)
+    if calibration is not None:
+        torch.set_num_threads(calibration["threads"])
+        run.info["budget"] = {"time": cfg.train.time, "seconds": parse_duration(cfg.train.time),
+                              "calibration": calibration}
     n_params = sum(p.numel() for p in run.model.parameters())
     parallelize(run, world)
     trainer = Trainer(run, progress=progress)
+    trainer.started_at = started_at
     if resume is not None:
         ckpt = trainer.resume(force=force, allow_reshard=allow_reshard)
         if lead and not (run_dir / "run.json").is_file():  # stopped before its setup ended
@@ -215,8 +237,13 @@ def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path |
             write_run_files(run)
         started = f"initialised from {cfg.model.init_from}" if cfg.model.init_from else "new"
     procs = (f", {world.world_size} processes ({cfg.distributed.strategy})" if world.distributed else "")
+    length = f"{cfg.train.steps} steps"
+    if cfg.train.time is not None:
+        start_plan(trainer, run_dir, calibration, started_at)
+        length = (f"time {cfg.train.time}: {trainer.plan.total} steps planned "
+                  f"({trainer.plan.seconds_left():.0f} s left)")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
-        f"({n_params / 1e6:.1f} M parameters), {cfg.train.steps} steps{procs}")
+        f"({n_params / 1e6:.2f} M parameters), {length}{procs}")
     return trainer, started
 
 
@@ -256,6 +283,14 @@ def _fit(trainer: Trainer, run_dir: Path, started: str, trackers: Trackers,
             say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
                 f"Continue with: lmobj train --resume {run_dir}")
         return _finish(run, trainer, run_dir, started, last, stopped, trackers)
+
+
+@contextmanager
+def _restored_threads(threads: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],

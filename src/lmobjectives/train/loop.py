@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -26,14 +25,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from lmobjectives.checkpoint import (clean_leftovers, is_sharded_checkpoint, list_checkpoints, load,
+from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load,
                                      read_checkpoint_state, save_checkpoint, save_sharded)
 from lmobjectives.errors import UserError
-from lmobjectives.train.distributed import agree_on_checkpoint, barrier, reshard_loader_state
+from lmobjectives.train.budget import StepPlan
+from lmobjectives.train.distributed import agree_on_checkpoint, barrier
 from lmobjectives.train.preflight import check_batch, preflight
 from lmobjectives.train.guards import GuardState
+from lmobjectives.train.resume_rules import check_resumable
 from lmobjectives.train.schedule import build_optimizer, lr_at
-from lmobjectives.rundir import config_hash, parse_metric_lines
+from lmobjectives.rundir import config_hash, truncate_metrics
 from lmobjectives.runtime import to_torch
 from lmobjectives.train.setup import Run
 
@@ -69,10 +70,20 @@ class Trainer:
         self.reshard_note: str | None = None
         self.warmup = round(self.cfg.train.warmup_fraction * self.cfg.train.steps)
         self.on_log: Callable[[dict[str, Any]], None] | None = None  # e.g. experiment trackers
+        # A timed run (``train.time``) plans its steps against a deadline (train/budget.py);
+        # ``started_at`` is when its command started, the origin a resumed plan counts from.
+        self.plan: StepPlan | None = None
+        self.started_at = time.time()
 
     # ---------------------------------------------------------------- state
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total if self.plan is not None else self.cfg.train.steps
+
     def lr(self, step: int) -> float:
         t = self.cfg.train
+        if self.plan is not None:
+            return self.plan.lr(step, t.lr, t.min_lr_ratio)
         return lr_at(step, total=t.steps, peak=t.lr, warmup=self.warmup, schedule=t.schedule,
                      min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
 
@@ -81,7 +92,8 @@ class Trainer:
                 "tokens_by_source": self.tokens_by_source, "config_hash": config_hash(self.cfg),
                 "store_fingerprints": {s.name: s.store.fingerprint for s in self.run.sources},
                 "guard": {"bad_in_row": self.guard.bad_in_row, "recent": list(self.guard.recent)},
-                "world_size": self.run.world_size}
+                "world_size": self.run.world_size,
+                **({"plan": self.plan.state()} if self.plan is not None else {})}
 
     def save(self) -> Path | None:
         """Write a checkpoint: rank 0 alone for full weights (one process, DDP), every rank its
@@ -121,29 +133,9 @@ class Trainer:
         return path
 
     def _restore(self, state: dict[str, Any], path: Path, force: bool, allow_reshard: bool) -> None:
-        if not force:
-            if state["config_hash"] != config_hash(self.cfg):
-                raise UserError(f"the config of {self.run.dir} changed since {path.name} was written; "
-                                "resume with the same config, or pass --force")
-            if state["store_fingerprints"] != {s.name: s.store.fingerprint for s in self.run.sources}:
-                raise UserError(f"the data of {self.run.dir} changed since {path.name} was written "
-                                "(store fingerprint differs); pass --force to continue anyway")
-        loader_state = state["loader"]
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.run.world_size:
-            if not allow_reshard:
-                raise UserError(
-                    f"{path.name} was written by {saved_world} process(es), this run has "
-                    f"{self.run.world_size}; resume with {saved_world}, or pass --allow-reshard to "
-                    f"continue on {self.run.world_size} (the global batch becomes "
-                    f"{self.cfg.train.batch_size * self.cfg.train.grad_accum * self.run.world_size} rows)")
-            loader_state, self.reshard_note = reshard_loader_state(loader_state, saved_world,
-                                                                   self.run.world_size)
-        if is_sharded_checkpoint(path) != self.run.sharded:
-            kinds = ("full (ddp or one process)", "sharded (fsdp)")
-            raise UserError(f"{path.name} is a {kinds[is_sharded_checkpoint(path)]} checkpoint but this "
-                            f"run's strategy is {self.cfg.distributed.strategy}; resume with the "
-                            "strategy that wrote it")
+        loader_state, note = check_resumable(self.run, state, path, force, allow_reshard)
+        if note is not None:
+            self.reshard_note = note
         _state, _sched, rng = load(path, self.run.model, self.optimizer)
         step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
         counter, guard = loader_state["counter"], state["guard"]
@@ -160,17 +152,12 @@ class Trainer:
         self.guard.bad_in_row = bad
         self.guard.recent.extend(recent)
         torch.set_rng_state(rng["torch"])
+        if state.get("plan") is not None and self.cfg.train.time is not None:
+            self.plan = StepPlan.restore(state["plan"], self.started_at)
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-        if not self.metrics_path.is_file():
-            return
-        text = self.metrics_path.read_bytes().decode("utf-8", "replace")
-        keep = [line for line, rec in parse_metric_lines(text)
-                if isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= self.step]
-        from lmobjectives.util import atomic_write_bytes
-
-        atomic_write_bytes(self.metrics_path, ("\n".join(keep) + "\n" if keep else "").encode())
+        truncate_metrics(self.metrics_path, self.step)
 
     # ---------------------------------------------------------------- logging
     def log(self, record: dict[str, Any]) -> None:
@@ -191,7 +178,7 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns its train record."""
         micro = self._fetch()
         totals = self._count(micro)
-        lr = self._begin(self.run.cfg.train.steps)
+        lr = self._begin(self.total_steps)
         nll, correct, predicted = self._forward_backward(micro, totals)
         nll, correct, predicted, real_by_source = self._reduce_stats(nll, correct, predicted, micro)
         hook = self._update_hook()
@@ -302,21 +289,7 @@ class Trainer:
 
     def _guard(self, record: dict[str, Any]) -> str | None:
         """Why this step's update is skipped (non-finite, spike), or None."""
-        t = self.cfg.train
-        loss, grad_norm = record["loss"], record["grad_norm"]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.guard.bad_in_row += 1
-            return "non-finite"
-        self.guard.bad_in_row = 0
-        skip = None
-        z = self.guard.spike(loss, t.spike_zscore)
-        if z is not None:
-            record["spike"] = round(z, 2)
-            if t.spike_action == "skip":
-                skip = "spike"
-        if skip is None:
-            self.guard.recent.append(loss)
-        return skip
+        return self.guard.verdict(record, self.cfg.train.spike_zscore, self.cfg.train.spike_action)
 
     def _account(self, micro: list, real_by_source: list[float], totals: torch.Tensor,
                  record: dict[str, Any]) -> None:
@@ -339,32 +312,30 @@ class Trainer:
         self.stop_requested = True
 
     def fit(self, evaluate=None, on_eval=None) -> dict[str, Any]:  # noqa: ANN001
-        """Train to ``cfg.train.steps``. ``evaluate()`` -> dict of eval metrics."""
+        """Train to ``cfg.train.steps`` (a timed run: to its plan's re-planned total).
+        ``evaluate()`` -> dict of eval metrics."""
         t = self.cfg.train
         bar = self._bar()
         last: dict[str, Any] = {}
         try:
-            while self.step < t.steps:
+            while self.step < self.total_steps:
                 start, tokens_before = time.perf_counter(), self.tokens
                 record = self.train_step()
                 dt = time.perf_counter() - start
                 record["tokens_per_second"] = (self.tokens - tokens_before) / max(dt, 1e-9)
                 record["step_seconds"] = dt
-                if self.step % t.log_every == 0 or self.step == t.steps or "skipped" in record:
+                if self.plan is not None:
+                    self._replan(bar)
+                if self.step % t.log_every == 0 or self.step == self.total_steps or "skipped" in record:
                     self.log(record)
                 last = record
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
                                     tok_s=f"{record['tokens_per_second']:.0f}")
-                if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
-                        and self.step < t.steps:
-                    ev = evaluate()
-                    self.log({"step": self.step, "tokens": self.tokens, "eval": True, **ev})
-                    if on_eval:
-                        on_eval()
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.steps:
-                    self.save()
+                aside = self._periodic(evaluate, on_eval)
+                if self.plan is not None:  # the whole iteration counts: logging, bar, re-planning
+                    self.plan.end_iteration(aside)
                 if self._stop_now():
                     if t.checkpoint_every == 0 or self.step % t.checkpoint_every:
                         self.save()
@@ -373,6 +344,32 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return last
+
+    def _periodic(self, evaluate, on_eval) -> float:  # noqa: ANN001
+        """Evaluation and checkpoint when their cadence says so; returns the seconds spent
+        (a timed run's plan measures both)."""
+        t, plan = self.cfg.train, self.plan
+        began = time.perf_counter()
+        if evaluate is not None and t.eval_every and self.step % t.eval_every == 0 \
+                and self.step < self.total_steps \
+                and (plan is None or plan.worth_evaluating(self.step, t.eval_every)):
+            self.log({"step": self.step, "tokens": self.tokens, "eval": True, **evaluate()})
+            if on_eval:
+                on_eval()
+            if plan is not None:
+                plan.observe_eval(time.perf_counter() - began)
+        saving = time.perf_counter()
+        if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
+            self.save()
+            if plan is not None:
+                plan.observe_save(time.perf_counter() - saving)
+        return time.perf_counter() - began
+
+    def _replan(self, bar) -> None:  # noqa: ANN001 - a tqdm bar or None
+        total = self.plan.replan_agreed(self.step, self.cfg.train, self.run.world_size)
+        if bar is not None and bar.total != total:
+            bar.total = total
+            bar.refresh()
 
     def _stop_now(self) -> bool:
         """Several processes stop at the same step: the flag all-reduced in that step decides."""
@@ -396,5 +393,5 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step",
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5, file=sys.stderr)

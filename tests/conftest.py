@@ -7,6 +7,11 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test may reach a network: HF datasets/hub and W&B work offline (set before they import).
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
 
 from lmobjectives.tokenizer.special import SpecialIds  # noqa: E402
 

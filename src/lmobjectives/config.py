@@ -44,6 +44,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.01, ge=0, lt=1)
     encoding: Literal["strict", "replace", "skip"] = "skip"
     text_field: str = "text"
+    split: str = "train"  # the split of an HF datasets directory (``DatasetDict.save_to_disk``)
 
 
 class TrainConfig(_Strict):
@@ -90,6 +91,14 @@ class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
+class LogConfig(_Strict):
+    """Experiment trackers fed on top of ``metrics.jsonl`` (``train/trackers.py``); changing
+    them does not change the training, so a resumed run may add or drop one."""
+
+    backends: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    wandb_project: str = "lmobjectives"
+
+
 class RunConfig(_Strict):
     # The default job: a code model, CLM + FIM at rate 0.5 (FIM paper: infilling "for free").
     objective: str = "fim"
@@ -99,6 +108,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     out: str | None = None  # run directory; None: runs/<objective>-<timestamp>
 
     @model_validator(mode="before")
@@ -250,14 +260,14 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 # Keys a resumed run may change: it continues with its own config otherwise.
-RESUME_MAY_CHANGE = ("train.steps",)
+RESUME_MAY_CHANGE = ("train.steps", "log.backends")  # trackers watch a run, they do not change it
 
 
 def check_resume_flags(given: dict[str, Any], config_file: str | None, sets: list[str] | None) -> None:
-    """``--resume`` continues a run with its own config: only ``--steps`` may change."""
+    """``--resume`` continues a run with its own config: only ``--steps`` (and ``--log``) may change."""
     extra = set(given) - set(RESUME_MAY_CHANGE)
     if extra or config_file or sets:
-        raise UserError("--resume continues a run with its own config; only --steps may change "
+        raise UserError("--resume continues a run with its own config; only --steps may change (and --log) "
                         f"(got {', '.join(sorted(extra)) or 'a config'})")
 
 

@@ -84,6 +84,9 @@ def config_hash(cfg: RunConfig) -> str:
     if tree["train"].get("loss_chunks") == 1:
         del tree["train"]["loss_chunks"]  # the one-piece loss of runs written before the key existed
     tree.pop("out", None)
+    tree.pop("log", None)  # trackers watch the run; they do not change it
+    if tree["data"].get("split") == "train":
+        tree["data"].pop("split")  # runs from before the key existed keep their hash
     return stable_hash(tree)
 
 

@@ -135,7 +135,8 @@ def resolve_tokenizer(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     own = run_dir / "tokenizer"
     if (own / "tokenizer.json").is_file():
         return load_tokenizer(str(own)), str(own)
-    texts = (doc.text for doc in iter_documents(corpus, encoding=d.encoding, text_field=d.text_field))
+    texts = (doc.text for doc in iter_documents(corpus, encoding=d.encoding, text_field=d.text_field,
+                                                    split=d.split))
     tok = train_tokenizer(texts, DEFAULT_VOCAB, None)
     save_hf_tokenizer(tok, own)
     return tok, str(own)
@@ -188,7 +189,7 @@ def resolve_sources(cfg: RunConfig, run_dir: Path, tokenizer: Any, progress: boo
         if not (store_dir / "manifest.json").is_file():
             prepare_store(corpus, tokenizer, store_dir, val_fraction=d.val_fraction,
                           seed=cfg.train.seed, encoding=d.encoding, text_field=d.text_field,
-                          progress=progress)
+                          split=d.split, progress=progress)
         store = TokenStore(store_dir)
         store.check_tokenizer(fp)
         sources.append(Source(name, store, weight))

@@ -19,7 +19,8 @@ def prepare(
     val_fraction: float = typer.Option(0.01, help="Share of documents held out (by document hash)."),
     seed: int = typer.Option(0, help="Seed of the split."),
     encoding: str = typer.Option("skip", help="strict | replace | skip undecodable files."),
-    text_field: str = typer.Option("text", help="JSONL field / parquet column with the text."),
+    text_field: str = typer.Option("text", help="JSONL field / parquet, Arrow or HF datasets column with the text."),
+    split: str = typer.Option("train", help="Split of an HF DatasetDict directory."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Tokenize a corpus into a token store (memmap shards + manifest)."""
@@ -29,7 +30,8 @@ def prepare(
     if encoding not in ("strict", "replace", "skip"):
         raise UserError(f"--encoding must be strict, replace or skip, not '{encoding}'")
     store = prepare_store(corpus, load_tokenizer(tokenizer), out, val_fraction=val_fraction, seed=seed,
-                          encoding=encoding, text_field=text_field, progress=not json_out)
+                          encoding=encoding, text_field=text_field, split=split,
+                          progress=not json_out)
     m = store.manifest
     if json_out:
         _print_json(m)
@@ -45,13 +47,16 @@ def tokenizer_train(
     vocab_size: int = typer.Option(8192, help="Vocabulary size, special tokens included."),
     out: str = typer.Option(..., help="Directory for the HF tokenizer."),
     encoding: str = typer.Option("skip", help="strict | replace | skip undecodable files."),
+    text_field: str = typer.Option("text", help="JSONL field / parquet, Arrow or HF datasets column with the text."),
+    split: str = typer.Option("train", help="Split of an HF DatasetDict directory."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train a byte-level BPE tokenizer with the reserved special tokens."""
     from lmobjectives.corpus import iter_documents
     from lmobjectives.tokenizer import save_hf_tokenizer, tokenizer_fingerprint, train_tokenizer
 
-    tok = train_tokenizer((d.text for d in iter_documents(corpus, encoding=encoding)), vocab_size, None)
+    tok = train_tokenizer((d.text for d in iter_documents(corpus, encoding=encoding, text_field=text_field,
+                                                                 split=split)), vocab_size, None)
     save_hf_tokenizer(tok, out)
     info = {"out": out, "vocab_size": tok.get_vocab_size(), "fingerprint": tokenizer_fingerprint(tok)}
     _print_json(info) if json_out else _say(f"tokenizer {out}: {info['vocab_size']} tokens")

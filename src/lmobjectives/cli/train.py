@@ -42,6 +42,7 @@ def train(
     nproc: Optional[int] = typer.Option(None, help="Processes on this machine (starts torchrun; one per GPU)."),
     strategy: Optional[str] = typer.Option(None, help="Several processes: ddp (default) or fsdp."),
     allow_reshard: bool = typer.Option(False, help="Resume on a different number of processes."),
+    log: Optional[List[str]] = typer.Option(None, help="Also log to tensorboard and/or wandb (repeatable; metrics.jsonl is always written)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train a model (no arguments: the default job on the embedded default corpus).
@@ -63,7 +64,7 @@ def train(
              "train.checkpoint_every": checkpoint_every, "out": out,
              "train.lr_scale": lr_scale, "model.rope_theta": rope_theta,
              "train.new_embeddings_first": train_new_embeddings_first,
-             "distributed.strategy": strategy}
+             "distributed.strategy": strategy, "log.backends": log}
     given = given_flags(flags, mix)
     if resume:
         check_resume_flags(given, config, set_)

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from lmobjectives.cli.common import _print_json, app
+from lmobjectives.cli.common import _print_json, _say, app
 
 
 # ------------------------------------------------------------------------------------ use
@@ -18,6 +18,8 @@ def eval_(
     batches: int = typer.Option(16, help="Validation batches (per dataset)."),
     seq_len: Optional[int] = typer.Option(None, help="Row length for the forgetting report (default: the run's)."),
     infill_samples: int = typer.Option(20, help="Held-out lines for infill exact match (FIM/CLM decoders; 0 = skip)."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-eval-harness tasks instead: names or task YAML paths, comma-separated (e.g. hellaswag,arc_easy,piqa)."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="At most this many examples per lm-eval task."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Loss, perplexity and bits-per-byte of a run on held-out data (+ single-line infill
@@ -26,6 +28,9 @@ def eval_(
     from lmobjectives.evaluate.forgetting import format_table, forgetting_report, is_named, parse_datasets
     from lmobjectives.evaluate.run import evaluate_dir
 
+    if lm_eval is not None:
+        _lm_eval(run_dir, lm_eval, lm_eval_limit, json_out)
+        return
     data = data or []
     if baseline is not None or len(data) > 1 or any(is_named(d) for d in data):
         report = forgetting_report(run_dir, parse_datasets(data), baseline, batches=batches, seq_len=seq_len)
@@ -40,6 +45,17 @@ def eval_(
             if isinstance(v, dict):
                 v = "  ".join(f"{kk}: {vv:.4f}" for kk, vv in v.items())
             print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+
+
+def _lm_eval(run_dir: str, tasks: str, limit: Optional[int], json_out: bool) -> None:
+    from lmobjectives.evaluate.lm_eval import format_results, run_lm_eval
+
+    res = run_lm_eval(run_dir, [t.strip() for t in tasks.split(",") if t.strip()], limit=limit)
+    if json_out:
+        _print_json({k: res.get(k) for k in ("results", "groups", "versions", "n-shot", "path") if k in res})
+    else:
+        print(format_results(res))
+        _say(f"wrote {res['path']}")
 
 
 @app.command()

@@ -145,7 +145,7 @@ def _shared_store(out: Path, tree: dict[str, Any], corpus: list[str] | None, sto
                             "--overwrite to prepare it again (and retrain), or use another --out")
     say(f"preparing the shared store {store_dir} from {', '.join(corpus)}")
     prepare_store(corpus, tok, store_dir, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                  encoding=d.encoding, text_field=d.text_field, progress=progress)
+                  encoding=d.encoding, text_field=d.text_field, split=d.split, progress=progress)
     return str(store_dir)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lmobjectives.corpus import default as default_corpus
+from lmobjectives.corpus import hf_datasets
 from lmobjectives.errors import UserError
 from lmobjectives.util import sha256_file
 
@@ -57,6 +58,8 @@ def _expand(arg: str) -> list[Path]:
     path = Path(arg)
     if not path.exists():
         raise UserError(f"corpus path {arg!r} does not exist")
+    if hf_datasets.is_datasets_dir(path):
+        return [path]  # one dataset, read through its own format (corpus/hf_datasets.py)
     if path.is_dir():
         files = _walk(path)
         if not files:
@@ -74,7 +77,7 @@ def resolve_files(paths: Sequence[str | os.PathLike[str]] | str) -> list[Path]:
     return [p for kind, p in reading_plan(as_list(paths)) if kind == "file"]  # type: ignore[misc]
 
 
-def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str) -> dict[str, str]:
+def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str, *, split: str = "train") -> dict[str, str]:
     """`{path: sha256 of its bytes}` for every corpus file, in reading order.
 
     A default-corpus spec contributes one entry per part instead of one per file:
@@ -89,7 +92,11 @@ def file_fingerprints(paths: Sequence[str | os.PathLike[str]] | str) -> dict[str
             plain.append(arg)
     if plain:
         for p in resolve_files(plain):
-            out[str(p)] = sha256_file(p)
+            if hf_datasets.is_datasets_dir(p):  # the dataset's own fingerprint, for ``split``
+                key, fingerprint = hf_datasets.datasets_fingerprint(p, split)
+                out[key] = fingerprint
+            else:
+                out[str(p)] = sha256_file(p)
     if not out:
         raise UserError("no corpus paths given")
     return out

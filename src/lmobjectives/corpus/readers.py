@@ -6,6 +6,8 @@ Formats, chosen by file name (case-insensitive):
   one row = one document, source `PATH:LINE` (1-based). Blank lines are ignored.
 * `*.parquet`: column `text_field` (string or binary); one row = one document, source
   `PATH:ROW` (1-based).
+* an HF `datasets` directory (`save_to_disk`) and `*.arrow` files: column `text_field`, the
+  split `split` of a `DatasetDict`; one row = one document (see `corpus.hf_datasets`).
 * anything else: plain text or source code, one file = one document, source `PATH`.
   A leading UTF-8 byte-order mark is dropped; nothing else is changed (line endings kept).
 * `"default"`, `"default:code"`, `"default:prose"`: the embedded default corpus
@@ -50,6 +52,7 @@ from typing import BinaryIO, Literal
 import zstandard
 
 from lmobjectives.corpus import default as default_corpus
+from lmobjectives.corpus import hf_datasets
 from lmobjectives.corpus.paths import as_list, reading_plan
 from lmobjectives.corpus.streams import first_bad_utf8, open_jsonl, split_lines
 from lmobjectives.errors import UserError
@@ -265,6 +268,10 @@ class _Reader:
 
 
 def _file_format(path: Path) -> str:
+    if hf_datasets.is_datasets_dir(path):
+        return "datasets"
+    if hf_datasets.is_arrow_file(path):
+        return "arrow"
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
         return "jsonl"
@@ -278,6 +285,7 @@ def iter_documents(
     *,
     encoding: EncodingPolicy = "skip",
     text_field: str = "text",
+    split: str = "train",
     warn: Callable[[str], None] = _print_warning,
     stats: CorpusStats | None = None,
 ) -> Iterator[Document]:
@@ -301,6 +309,10 @@ def iter_documents(
             yield from reader.read_jsonl(path)
         elif fmt == "parquet":
             yield from reader.read_parquet(path)
+        elif fmt == "datasets":
+            yield from hf_datasets.read_datasets_dir(path, reader, split)
+        elif fmt == "arrow":
+            yield from hf_datasets.read_arrow_file(path, reader)
         else:
             yield from reader.read_plain(path)
     if stats.documents == 0:

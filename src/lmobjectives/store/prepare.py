@@ -28,6 +28,7 @@ def prepare_store(
     seed: int = 0,
     encoding: str = "skip",
     text_field: str = "text",
+    split: str = "train",
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> TokenStore:
@@ -37,7 +38,7 @@ def prepare_store(
     stats = CorpusStats()
     kwargs = {"warn": warn} if warn else {}
     texts = (d.text for d in iter_documents(list(corpus), encoding=encoding, text_field=text_field,
-                                            stats=stats, **kwargs))
+                                            split=split, stats=stats, **kwargs))
     pairs = encode_documents(texts, lambda batch: encode_data(tokenizer, batch))
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -46,7 +47,7 @@ def prepare_store(
     write_store(
         out, pairs, vocab_size=tokenizer.get_vocab_size(), eos=tokenizer.token_to_id(EOS),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        sources=file_fingerprints(list(corpus)), val_fraction=val_fraction, seed=seed,
+        sources=file_fingerprints(list(corpus), split=split), val_fraction=val_fraction, seed=seed,
         # read once the documents are consumed, so the counts are final
         extra=lambda: {"corpus": [str(c) for c in corpus], "reader": stats.as_dict()},
         populate=lambda tmp: save_hf_tokenizer(tokenizer, tmp / "tokenizer"),

@@ -20,6 +20,7 @@ from lmobjectives.train.loop import Stop, Trainer
 from lmobjectives.rundir import config_hash, load_run_config
 from lmobjectives.runtime import seed_everything
 from lmobjectives.train.setup import Run, default_run_dir, open_run, write_config_first, write_run_files
+from lmobjectives.train.trackers import Trackers, check_installed, open_trackers
 from lmobjectives.util import atomic_write_json
 
 
@@ -101,6 +102,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
 def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite: bool, force: bool,
            allow_reshard: bool, progress: bool, say: Callable[[str], None]) -> TrainResult:
     lead = world.rank == 0
+    if lead:
+        check_installed(cfg.log.backends)  # before any data is prepared
     if resume is not None:
         run_dir = Path(resume)
     else:
@@ -133,11 +136,28 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
     procs = (f", {world.world_size} processes ({cfg.distributed.strategy})" if world.distributed else "")
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
         f"({n_params / 1e6:.1f} M parameters), {cfg.train.steps} steps{procs}")
+    trackers = Trackers()
+    if lead and run.cfg.log.backends:
+        trackers = open_trackers(run.cfg.log.backends, run_dir, run.cfg.model_dump(mode="json"),
+                                 resume_at=(trainer.step, trainer.tokens) if resume is not None else None,
+                                 wandb_project=run.cfg.log.wandb_project,
+                                 warn=lambda m: say(f"warning: {m}"))
+    trainer.on_log = trackers.log
+    try:
+        return _fit(run, trainer, run_dir, started, trackers, say)
+    finally:
+        trackers.close()
+
+
+def _fit(run: Run, trainer: Trainer, run_dir: Path, started: str, trackers: Trackers,
+         say: Callable[[str], None]) -> TrainResult:
+    lead = run.rank == 0
     stopped = False
 
     def on_eval() -> None:
         if lead:
             plot_loss(run_dir)
+            trackers.image(run_dir / "loss.png", trainer.step)
 
     # From here to the end a SIGTERM only sets the stop flag: after ``fit`` a late or repeated
     # SIGTERM must not kill the process half-way through the final export, nor turn a clean
@@ -151,11 +171,11 @@ def _train(cfg: RunConfig, world: World, *, resume: str | Path | None, overwrite
             stopped = True
             say(f"stopped by signal at step {trainer.step}; checkpoint saved. "
                 f"Continue with: lmobj train --resume {run_dir}")
-        return _finish(run, trainer, run_dir, started, last, stopped)
+        return _finish(run, trainer, run_dir, started, last, stopped, trackers)
 
 
 def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[str, Any],
-            stopped: bool) -> TrainResult:
+            stopped: bool, trackers: Trackers) -> TrainResult:
     """Final evaluation and export (skipped when stopped: a resume redoes them)."""
     lead = run.rank == 0
     ev: dict[str, Any] = {}
@@ -168,5 +188,6 @@ def _finish(run: Run, trainer: Trainer, run_dir: Path, started: str, last: dict[
         export_final(run, run_dir / "final")
     if lead:
         plot_loss(run_dir)
+        trackers.image(run_dir / "loss.png", trainer.step)
     barrier()
     return TrainResult(run_dir=run_dir, started=started, final=last, eval=ev, stopped=stopped)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class Trainer:
         self._stop_agreed = False  # the stop flag as all ranks saw it in the last step
         self.reshard_note: str | None = None
         self.warmup = round(self.cfg.train.warmup_fraction * self.cfg.train.steps)
+        self.on_log: Callable[[dict[str, Any]], None] | None = None  # e.g. experiment trackers
 
     # ---------------------------------------------------------------- state
     def lr(self, step: int) -> float:
@@ -177,6 +178,8 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
 
     # ---------------------------------------------------------------- the step
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:

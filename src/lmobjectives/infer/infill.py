@@ -197,6 +197,22 @@ class Infill:
                 "forward_passes": self.forward_passes}
 
 
+def _decode_middle(model: torch.nn.Module, prompt: list[int], stop: "MiddleStop", prefix: str,
+                   suffix: str, **decode: Any) -> Infill:
+    """Decode after ``prompt`` (eval mode, restored after) until ``stop``; the middle it gives."""
+    was_training = model.training
+    model.eval()
+    try:
+        start, step = causal_rungs(model, prompt)
+        g = decode_until(start, step, stop, **decode)
+    finally:
+        model.train(was_training)
+    middle = stop.middle(g.tokens)
+    return Infill(middle=middle, text=prefix + middle + suffix, tokens=g.tokens,
+                  prompt_tokens=len(prompt), stopped_by=g.stopped_by,
+                  forward_passes=g.forward_passes)
+
+
 def infill_fim(model: torch.nn.Module, tokenizer: Any, specials: SpecialIds, prefix: str,
                suffix: str, *, mode: str = "psm", max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -212,18 +228,8 @@ def infill_fim(model: torch.nn.Module, tokenizer: Any, specials: SpecialIds, pre
     prompt = fim_prompt(pre, suf, specials, mode)
     stop = MiddleStop(tokenizer, specials, suffix=suffix, single_line=single_line,
                       max_chars=max_chars)
-    was_training = model.training
-    model.eval()
-    try:
-        start, step = causal_rungs(model, prompt)
-        g = decode_until(start, step, stop, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seed=seed)
-    finally:
-        model.train(was_training)
-    middle = stop.middle(g.tokens)
-    return Infill(middle=middle, text=prefix + middle + suffix, tokens=g.tokens,
-                  prompt_tokens=len(prompt), stopped_by=g.stopped_by,
-                  forward_passes=g.forward_passes)
+    return _decode_middle(model, prompt, stop, prefix, suffix, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, seed=seed)
 
 
 def infill_left_to_right(model: torch.nn.Module, tokenizer: Any, specials: SpecialIds,
@@ -239,17 +245,7 @@ def infill_left_to_right(model: torch.nn.Module, tokenizer: Any, specials: Speci
     stop = MiddleStop(tokenizer, specials, suffix=suffix, single_line=single_line,
                       max_chars=max_chars)
     model = getattr(model, "lm", model)  # an MTP model: its plain next-token LM
-    was_training = model.training
-    model.eval()
-    try:
-        start, step = causal_rungs(model, prompt)
-        g = decode_until(start, step, stop, max_new_tokens=max_new_tokens)
-    finally:
-        model.train(was_training)
-    middle = stop.middle(g.tokens)
-    return Infill(middle=middle, text=prefix + middle + suffix, tokens=g.tokens,
-                  prompt_tokens=len(prompt), stopped_by=g.stopped_by,
-                  forward_passes=g.forward_passes)
+    return _decode_middle(model, prompt, stop, prefix, suffix, max_new_tokens=max_new_tokens)
 
 
 # ------------------------------------------------------------------------------ sentinels

@@ -115,15 +115,20 @@ def forward_inputs(model, inputs: dict[str, Any]) -> dict[str, Any]:  # noqa: AN
 
 
 def build_model(preset: str, architecture: str, specials: SpecialIds, max_positions: int,
-                seed: int, overrides: dict[str, Any] | None = None):
-    """A freshly initialised model; the seed fixes its weights."""
+                seed: int, overrides: dict[str, Any] | None = None, *, meta: bool = False):
+    """A freshly initialised model; the seed fixes its weights (``models.init``: each module
+    under a seed of its own name, so a sharded build gets the same values). With ``meta`` the
+    model is left on the meta device, for ``models.init.materialise`` to fill in later."""
     import torch
+
+    from lmobjectives.models.init import materialise
 
     cfg = model_config(preset, architecture, specials, max_positions, overrides)
     cfg._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.device("meta"):  # shapes only: the values come from materialise, unit by unit
         model = model_class(architecture)(cfg)
+    if not meta:
+        materialise(model, seed, torch.device("cpu"))
     return model
 
 

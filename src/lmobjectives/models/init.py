@@ -49,11 +49,19 @@ def block_class_names(model: nn.Module) -> set[str]:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: members of a ``ModuleList`` whose class the model names as
-    unsplittable. Embeddings stay with the root, where the output head tied to them lives."""
+    """The transformer blocks: modules whose class the model names as unsplittable, members of
+    a ``ModuleList`` or the direct children of one (a DeepSeek-style MTP depth wraps one block
+    in projections that are called on their own, so they stay with the root). Embeddings stay
+    with the root too, where the output head tied to them lives."""
     names = block_class_names(model)
-    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst
-            if type(m).__name__ in names]
+    found = []
+    for lst in model.modules():
+        if not isinstance(lst, nn.ModuleList):
+            continue
+        for m in lst:
+            found += [m] if type(m).__name__ in names else \
+                [c for c in m.children() if type(c).__name__ in names]
+    return found
 
 
 def init_streams(model: nn.Module) -> list[tuple[str, nn.Module, int, InitFn]]:
@@ -145,7 +153,9 @@ def _init_module(m: nn.Module, name: str, seed: int,
                 torch.manual_seed(module_seed(seed + offset, local))
                 fn(m)
             return
-    raise ValueError(f"module {name!r} belongs to no init stream")
+    if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None:
+        raise ValueError(f"module {name!r} holds tensors but belongs to no init stream")
+    # A wrapper that holds nothing of its own (MTPModel around its backbone) has nothing to set.
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from torch import nn
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_JSON = "mtp_heads.json"
 HEADS_FORMAT = 1
+HEAD_SEED_OFFSET = 7919  # heads get their own seed stream, so adding heads leaves the trunk's init alone
 
 
 def _layer_classes():  # noqa: ANN202 - (decoder layer class, RMSNorm class)
@@ -203,6 +204,12 @@ class MTPModel(nn.Module):
             return self.heads[k - 2].norm(hidden)
         return self.lm.model.norm(hidden)
 
+    def init_streams(self) -> list[tuple[str, nn.Module, int, Any]]:
+        """``models.init``: the backbone initialises as it would alone; the heads under a seed
+        stream of their own, so adding heads leaves the backbone's initial weights alone."""
+        return [("lm", self.lm, 0, self.lm._init_weights),
+                ("heads", self.heads, HEAD_SEED_OFFSET, self.lm._init_weights)]
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """The wrapped model as a plain HF causal LM, plus the extra heads beside it."""
@@ -221,20 +228,13 @@ class MTPModel(nn.Module):
 
 
 def init_heads(model: MTPModel, seed: int, copy_last_layer: bool = False) -> None:
-    """Initialise the extra heads like the backbone (normal(0, initializer_range), norms 1),
-    under their own seed; with ``copy_last_layer`` every head's transformer layer starts as a
-    copy of the backbone's last layer (a warm start when adding heads to a trained model)."""
-    std = getattr(model.config, "initializer_range", 0.02)
-    _, norm_cls = _layer_classes()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in model.heads.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, norm_cls):
-                nn.init.ones_(module.weight)
+    """Initialise the extra heads like the backbone (its ``_init_weights``: normal(0,
+    initializer_range), norms 1), each module under the seed of its name (``models.init``);
+    with ``copy_last_layer`` every head's transformer layer starts as a copy of the backbone's
+    last layer (a warm start when adding heads to a trained model)."""
+    from lmobjectives.models.init import reinitialise
+
+    reinitialise(model.heads, seed, model.lm._init_weights)
     if copy_last_layer:
         last = model.lm.model.layers[-1].state_dict()
         for head in model.heads:

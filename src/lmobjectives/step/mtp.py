@@ -25,7 +25,8 @@ adds g_2; z.backward(g_1 + g_2) — the same gradients as (loss_1 + loss_2).back
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -34,12 +35,12 @@ from lmobjectives.data.converters import IGNORE
 from lmobjectives.errors import UserError
 from lmobjectives.loss import chunked_nll_sum, resolve_chunks, token_nll_sum
 from lmobjectives.models.presets import DECODER_PRESETS, check_preset
-from lmobjectives.models.mtp import MTPModel, MTPSpec, init_heads, load_heads, read_heads_spec
+from lmobjectives.models.init import materialise
+from lmobjectives.models.mtp import HEAD_SEED_OFFSET, MTPModel, MTPSpec, init_heads, load_heads, read_heads_spec
 from lmobjectives.objectives.mtp import MTP, depth_targets
 from lmobjectives.rundir import init_dir
 from lmobjectives.runtime import autocast
 
-HEAD_SEED_OFFSET = 7919  # heads get their own stream, so adding heads leaves the trunk's init alone
 
 
 def depth_labels(labels: torch.Tensor, position_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,8 +71,9 @@ class MTPModule:
     """TrainModule for ``MTPModel``: terms ``loss`` (head 1, the next-token loss reported as
     the run's loss), ``depth2`` ... ``depthN``."""
 
-    # It calls the model's parts, not its forward: data parallelism must sum the gradients
-    # itself (``train/summed_gradients.py``), DDP's hooks would not fire.
+    # It calls the model's parts, not its forward: DDP's hooks would not fire, so data
+    # parallelism sums the gradients itself (``train/summed_gradients.py``); under FSDP the
+    # blocks' own hooks fire and the root's parameters are gathered here (``root_gathered``).
     calls_model_parts = True
 
     def __init__(self, model: MTPModel, objective: MTP, bf16: bool = False, strategy: str = "sequential",
@@ -102,11 +104,12 @@ class MTPModule:
     # ------------------------------------------------------------------ the step
     def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
                          backward: bool = True) -> dict[str, torch.Tensor]:
-        if self.strategy == "naive":
-            return self._naive(batch, totals, backward)
-        if self.model.spec.head_design == "parallel":
-            return self._parallel(batch, totals, backward)
-        return self._sequential(batch, totals, backward)
+        with root_gathered(self.model):
+            if self.strategy == "naive":
+                return self._naive(batch, totals, backward)
+            if self.model.spec.head_design == "parallel":
+                return self._parallel(batch, totals, backward)
+            return self._sequential(batch, totals, backward)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -208,6 +211,36 @@ class MTPModule:
         return {"nll": torch.stack(nll), "correct": torch.stack(correct)}
 
 
+@contextlib.contextmanager
+def root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2, the root's own parameters (embedding = tied output head, final norm) whole
+    for the length of one micro-batch; nothing otherwise.
+
+    The step calls the model's parts, never the root's forward, so the root's hooks that
+    would all-gather those parameters never run. Every block is an FSDP unit of its own
+    (``models.init.repeated_blocks``: trunk layers and the heads' layers), whose hooks gather and free it
+    around each call and its backward, as in a plain forward. The root is gathered here once
+    and kept whole across the per-head backward calls (``reshard_after_backward`` off while
+    they run): FSDP's end-of-backward callback reduce-scatters the root's gradients after each
+    of them, and the reduce-scatters accumulate into the sharded gradient, so a micro-batch
+    gives the sum that one backward would."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    # What the root's first forward does: claim the nested units, so that their forwards do
+    # not each set up as a root (private in torch 2.13; tests cover it).
+    fully_shard.state(model)._lazy_init()
+    model.set_reshard_after_backward(False, recurse=False)
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+        model.set_reshard_after_backward(True, recurse=False)
+
+
 # ---------------------------------------------------------------------- building
 def base_overrides(objective: MTP, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Config overrides of the wrapped model: with ``compute_matched`` the trunk is one layer
@@ -228,7 +261,8 @@ def base_overrides(objective: MTP, preset: str, overrides: dict[str, Any]) -> di
 
 def wrap_model(lm: torch.nn.Module, objective: MTP, seed: int, init_from: str | None = None) -> MTPModel:
     """Add the objective's heads to ``lm``. From ``init_from``: its own heads when it has
-    matching ones, else heads that start as copies of its last layer."""
+    matching ones, else heads that start as copies of its last layer. A backbone on the meta
+    device gets meta heads, which ``models.init.materialise`` initialises with it (FSDP)."""
     spec = MTPSpec(n_heads=objective.n_heads, head_design=objective.head_design)
     if init_from is not None:
         if objective.compute_matched:
@@ -240,6 +274,9 @@ def wrap_model(lm: torch.nn.Module, objective: MTP, seed: int, init_from: str | 
         model = MTPModel(lm, spec)
         init_heads(model, seed + HEAD_SEED_OFFSET, copy_last_layer=True)
         return model
-    model = MTPModel(lm, spec)
-    init_heads(model, seed + HEAD_SEED_OFFSET)
+    device = next(lm.parameters()).device
+    with torch.device("meta"):  # the heads' values come from materialise, as on every layout
+        model = MTPModel(lm, spec)
+    if device.type != "meta":
+        materialise(model, seed, device)
     return model

@@ -160,7 +160,9 @@ def parallelize(run: "Run", world: World) -> None:
     if not world.distributed:
         return
     if run.cfg.distributed.strategy == "fsdp":
-        shard_model(run.model, bf16=run.bf16)
+        # A train module that calls its model's parts gathers the root's parameters itself
+        # (``step/mtp.py``); the blocks' own FSDP hooks do the rest.
+        shard_model(run.model, bf16=run.bf16, seed=run.cfg.train.seed)
     elif getattr(run.model_with_loss, "calls_model_parts", False):
         from lmobjectives.train.summed_gradients import SummedGradientsModule
 
@@ -234,24 +236,25 @@ class DataParallelModule:
         return self.ddp.no_sync()
 
 
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: members of a ``ModuleList`` whose class the model names as
-    unsplittable. Embeddings stay with the root, where the output head tied to them lives."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst
-            if type(m).__name__ in names]
-
-
-def shard_model(model: nn.Module, bf16: bool) -> None:
+def shard_model(model: nn.Module, bf16: bool, seed: int = 0) -> None:
     """FSDP2: one unit per block, then the root. Parameters are computed in bf16 when the run
-    uses bf16, gradients are reduced in fp32; both reshard after forward (least memory)."""
+    uses bf16, gradients are reduced in fp32; blocks reshard after forward (least memory).
+
+    A model built on the meta device (``models.presets.build_model(meta=True)``) is
+    materialised here one unit at a time (``models.init.materialise``): a block is given its
+    initial values on the CPU, in full, from ``seed`` and its modules' names, and sharded at
+    once, so a rank holds at most one unit in full (the largest block, or the root's
+    embeddings, final norm and rotary tables) plus its 1/W share of the units before it —
+    never the whole model — and the gathered weights equal a one-process build of the same
+    seed. A model that already holds its weights (``--init-from``) is only sharded."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    from lmobjectives.models.init import materialise
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32,
                                   reduce_dtype=torch.float32)
-    for block in repeated_blocks(model):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    # On the CPU whatever the device: its generator gives the values a one-process build gets.
+    materialise(model, seed, torch.device("cpu"), after_unit=lambda unit: fully_shard(unit, mp_policy=policy))
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # a sum, see the module docstring
@@ -264,16 +267,25 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain (unsharded) model of ``model``'s own class holding the full ``state``."""
+def _plain_class(module: nn.Module) -> type:
     from torch.distributed.fsdp import FSDPModule
 
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded) model of ``model``'s own class holding the full ``state``."""
+    from lmobjectives.models.mtp import MTPModel
+
     with torch.device("meta"):
-        plain = cls(copy.deepcopy(model.config))
+        if isinstance(model, MTPModel):
+            plain = MTPModel(_plain_class(model.lm)(copy.deepcopy(model.config)), model.spec)
+        else:
+            plain = _plain_class(model)(copy.deepcopy(model.config))
     plain.load_state_dict(state, assign=True)
-    if hasattr(plain, "tie_weights"):
-        plain.tie_weights()
+    lm = plain.lm if isinstance(plain, MTPModel) else plain
+    if hasattr(lm, "tie_weights"):
+        lm.tie_weights()
     return plain
 
 

@@ -98,13 +98,17 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
     cfg, init_info = resolve_init(cfg)
     spec, tok_from = new_spec(cfg, run_dir, progress=progress)
     device = select_device()
-    model = build_run_model(spec, tok_from, init_info)
+    # FSDP on several processes: shapes only here; parallelize materialises and shards the
+    # model one block at a time, so no rank ever holds all of it (train/distributed.py).
+    meta = cfg.distributed.strategy == "fsdp" and world_size > 1 and not cfg.model.init_from
+    model = build_run_model(spec, tok_from, init_info, meta=meta)
     added = init_info.pop("_added", [])
     update_filter = None
     if cfg.train.new_embeddings_first:
         update_filter = NewRowsOnly(model, added, cfg.train.new_embeddings_first)
     model.config.use_cache = False
-    model.to(device)
+    if not meta:
+        model.to(device)
     bf16 = use_bf16(cfg.model.precision, device)
     with_loss = model_kind(spec.objective).step(model, spec.objective, spec.architecture, bf16,
                                                 cfg.model.compile, cfg.train.loss_chunks)
@@ -115,9 +119,11 @@ def open_run(cfg: RunConfig, run_dir: Path, *, progress: bool = True, rank: int 
                rank=rank, world_size=world_size, info=info, update_filter=update_filter)
 
 
-def build_run_model(spec: RunSpec, tok_from: str, init_info: dict[str, Any]) -> torch.nn.Module:
+def build_run_model(spec: RunSpec, tok_from: str, init_info: dict[str, Any], *,
+                    meta: bool = False) -> torch.nn.Module:
     """The model that trains: a preset built from scratch or ``init_from``'s weights, then
-    wrapped as the objective's model kind asks (e.g. MTP: extra heads, a shorter trunk)."""
+    wrapped as the objective's model kind asks (e.g. MTP: extra heads, a shorter trunk).
+    ``meta``: a preset's shapes only, for ``models.init.materialise`` to fill in."""
     cfg = spec.cfg
     kind = model_kind(spec.objective)
     positions = max(spec.row_length, cfg.data.seq_len)
@@ -128,7 +134,8 @@ def build_run_model(spec: RunSpec, tok_from: str, init_info: dict[str, Any]) -> 
         overrides = kind.overrides(spec.objective, cfg.model.preset,
                                    {**cfg.model.config, **rope_overrides(cfg)})
         model = build_model(cfg.model.preset, spec.architecture, spec.specials,
-                            max_positions=positions * 2, seed=cfg.train.seed, overrides=overrides)
+                            max_positions=positions * 2, seed=cfg.train.seed, overrides=overrides,
+                            meta=meta)
     return kind.wrap(model, spec.objective, cfg.train.seed, cfg.model.init_from)
 
 

@@ -106,6 +106,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for objective in EQUIVALENCE:
         out[f"ddp-{objective}"] = root / f"ddp-{objective}"
         jobs.append({"out": str(out[f"ddp-{objective}"]), "config": config(store, objective)})
+    for objective in MTP_PARAMS if "mtp" in OBJECTIVES else []:  # the model's parts under FSDP
+        out[f"fsdp-{objective}"] = root / f"fsdp-{objective}"
+        jobs.append({"out": str(out[f"fsdp-{objective}"]), "config": config(store, objective, strategy="fsdp")})
     for strategy in ("ddp", "fsdp"):
         jobs.append({"out": str(out[f"{strategy}-clm-resumed"]), "config": config(store, strategy=strategy),
                      "resume_from": str(out[f"{strategy}-clm"])})
@@ -143,6 +146,7 @@ def test_the_runs_read_padded_rows(runs):
 
 @pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", "ddp-clm-chunked", "fsdp-clm-chunked",
                                   *[f"ddp-{o}" for o in EQUIVALENCE],
+                                  *[f"fsdp-{o}" for o in MTP_PARAMS if "mtp" in OBJECTIVES],
                                   *[pytest.param(f"ddp-{o}", marks=pytest.mark.skip(
                                       reason=f"objective '{o}' is not registered in this tree"))
                                     for o in ("mlm", "span", "fim", "ul2", "prefix", "mtp")
@@ -158,7 +162,9 @@ def test_two_processes_make_the_updates_of_one_with_twice_the_accumulation(runs,
     norm2, norm1 = losses(runs[name], "grad_norm"), losses(reference, "grad_norm")
     for step in one:
         assert norm2[step] == pytest.approx(norm1[step], rel=1e-4), f"grad_norm at step {step}"
-    a, b = load_file(runs[name] / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    files = ["model.safetensors", *(["mtp_heads.safetensors"] if "mtp" in name else [])]
+    a = {f"{f}:{k}": v for f in files for k, v in load_file(runs[name] / "final" / f).items()}
+    b = {f"{f}:{k}": v for f in files for k, v in load_file(reference / "final" / f).items()}
     assert a.keys() == b.keys()
     for k in a:
         if name.endswith("-chunked"):
@@ -192,6 +198,49 @@ def test_resume_on_the_same_world_size_is_bit_exact(runs, strategy):
     whole, resumed = runs[f"{strategy}-clm"], runs[f"{strategy}-clm-resumed"]
     assert losses(resumed) == losses(whole)  # steps 1-2 kept, 3-4 redone: equal floats
     assert_same_weights(whole / "final", resumed / "final")
+
+
+def test_fsdp_builds_on_meta_and_its_gathered_initial_weights_equal_one_process(tmp_path):
+    """Under FSDP on 2 processes the model is built on the meta device and initialised block
+    by block; gathered, its weights (tied embedding included) and buffers (rotary tables) are
+    those of a one-process build of the same seed. With ``--init-from`` the loaded weights."""
+    from safetensors import safe_open
+
+    from lmobjectives.export import export_model
+    from lmobjectives.models.presets import build_model
+    from lmobjectives.tokenizer import load_tokenizer
+    from lmobjectives.tokenizer.special import SpecialIds
+
+    store = make_store(tmp_path)
+    tok = load_tokenizer(None)
+    specials = SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())
+    export_model(build_model("tiny", "decoder", specials, max_positions=64, seed=5), tok, tmp_path / "hf")
+    cases = {o: config(store, o, strategy="fsdp", seed=3) for o in ["clm", *MTP_PARAMS, *VARIABLE_TARGETS]
+             if o in OBJECTIVES or o in MTP_PARAMS and "mtp" in OBJECTIVES}
+    cases["init-from"] = {**config(store, strategy="fsdp"),
+                          "model": {"init_from": str(tmp_path / "hf"), "precision": "fp32"}}
+    jobs = [{"config": tree, "run_dir": str(tmp_path / name), "weights": str(tmp_path / f"{name}.safetensors")}
+            for name, tree in cases.items()]
+    (tmp_path / "jobs.json").write_text(json.dumps({"jobs": jobs}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(HERE / "distributed_init.py"), str(tmp_path / "jobs.json")],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for name, tree in cases.items():
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            got = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()
+        assert meta == {"built_on_meta": str(name != "init-from"), "tied": "True"}, name
+        if name == "init-from":
+            want = load_file(tmp_path / "hf" / "model.safetensors")
+            got = {k: v for k, v in got.items() if not k.startswith("buffer:") and k in want}
+        else:
+            one = open_run(build_config(tree), tmp_path / f"{name}-one", progress=False)
+            want = {**one.model.state_dict(), **{f"buffer:{k}": b for k, b in one.model.named_buffers()}}
+            assert any("inv_freq" in k for k in want) or "span" in name, name  # rotary tables compared
+        assert got.keys() == want.keys(), name
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{name}: {k}"
 
 
 def test_the_gathered_fsdp_export_matches_ddp(runs):

@@ -160,7 +160,7 @@ def _init_module(m: nn.Module, name: str, seed: int,
 
 @contextlib.contextmanager
 def _untied(modules: list[nn.Module], owners: dict[int, list[tuple[nn.Module, str, bool]]]) -> Iterator[None]:
-    """Within: every owner of a tied tensor but the first holds a scratch tensor of its own.
+    """Within: every owner of a tied tensor but the first holds a meta stand-in of its own.
     transformers initialises a model untied and ties it afterwards, so the first owner (the
     input embedding) decides the values, whatever its parents or the other owners write."""
     inside = {id(m) for m in modules}
@@ -170,7 +170,7 @@ def _untied(modules: list[nn.Module], owners: dict[int, list[tuple[nn.Module, st
             for name, t in list(store.items()):
                 holders = owners.get(id(t), []) if t is not None else []
                 if len(holders) > 1 and holders[0][0] is not m and id(holders[0][0]) in inside:
-                    scratch = torch.empty_like(t)
+                    scratch = torch.empty_like(t, device="meta")  # writes to it cost nothing
                     store[name] = nn.Parameter(scratch, t.requires_grad) if isinstance(t, nn.Parameter) else scratch
                     restore.append((store, name, t))
     try:

@@ -11,6 +11,11 @@ parameter bytes of the whole model are printed beside it for scale.
 
     PYTHONPATH=src python benchmarks/fsdp_memory.py                  # base preset
     PYTHONPATH=src python benchmarks/fsdp_memory.py --preset small --json
+
+Measured on a CPU (base preset, 119.6 M parameters = 456 MiB in fp32; peak MiB added per
+process): one process 458; FSDP built on meta, 2 processes: 255 and 256 (0.56x: half the
+model plus the largest block, 36 MiB, in full); FSDP built whole then sharded (the former
+way): 477 on each process (1.04x).
 """
 
 from __future__ import annotations

@@ -143,6 +143,16 @@ class MTPModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any):  # noqa: ANN201
         return self.lm(*args, **kwargs)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The shared output head, so that ``models.output`` can take it off the plain model."""
+        return self.lm.get_output_embeddings()
+
+    def set_output_embeddings(self, head: nn.Module) -> None:
+        self.lm.set_output_embeddings(head)
+
     # ------------------------------------------------------------------ pieces
     @property
     def trunk_layers(self) -> nn.ModuleList:

@@ -26,7 +26,7 @@ adds g_2; z.backward(g_1 + g_2) — the same gradients as (loss_1 + loss_2).back
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ class MTPModule:
         self.strategy = strategy
         self.terms = head_names(model.n_heads)
         self.progress = 0.0
+        self._last_backward: Callable[[], None] = lambda: None  # set per micro-batch by root_gathered
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """The loop says where training is, for a scheduled loss weight."""
@@ -104,7 +105,7 @@ class MTPModule:
     # ------------------------------------------------------------------ the step
     def forward_backward(self, batch: dict[str, torch.Tensor], totals: torch.Tensor,
                          backward: bool = True) -> dict[str, torch.Tensor]:
-        with root_gathered(self.model):
+        with root_gathered(self.model) as self._last_backward:
             if self.strategy == "naive":
                 return self._naive(batch, totals, backward)
             if self.model.spec.head_design == "parallel":
@@ -147,6 +148,7 @@ class MTPModule:
             nll.append(s.detach())
             correct.append(c.detach())
         if backward and z_in.grad is not None:
+            self._last_backward()
             z.backward(z_in.grad)
         return {"nll": torch.stack(nll), "correct": torch.stack(correct)}
 
@@ -183,6 +185,8 @@ class MTPModule:
                 (s * self._scale(k, totals)).backward()  # frees head k's logits now
             grads = [g for g in (h_in.grad, grad_from_deeper) if g is not None]
             if grads:
+                if k == 1:
+                    self._last_backward()
                 h.backward(grads[0] if len(grads) == 1 else grads[0] + grads[1])  # depth k's block, or the trunk
             grad_from_deeper = x.grad if x is not None else None
         return {"nll": torch.stack(nll), "correct": torch.stack(correct)}
@@ -207,37 +211,41 @@ class MTPModule:
             nll.append(s.detach())
             correct.append(c.detach())
         if backward:
+            self._last_backward()
             total.backward()
         return {"nll": torch.stack(nll), "correct": torch.stack(correct)}
 
 
 @contextlib.contextmanager
-def root_gathered(model: torch.nn.Module) -> Iterator[None]:
+def root_gathered(model: torch.nn.Module) -> Iterator[Callable[[], None]]:
     """Under FSDP2, the root's own parameters (embedding = tied output head, final norm) whole
-    for the length of one micro-batch; nothing otherwise.
+    for the length of one micro-batch; nothing otherwise. Yields a function to call just
+    before the micro-batch's last backward.
 
     The step calls the model's parts, never the root's forward, so the root's hooks that
     would all-gather those parameters never run. Every block is an FSDP unit of its own
-    (``models.init.repeated_blocks``: trunk layers and the heads' layers), whose hooks gather and free it
-    around each call and its backward, as in a plain forward. The root is gathered here once
-    and kept whole across the per-head backward calls (``reshard_after_backward`` off while
-    they run): FSDP's end-of-backward callback reduce-scatters the root's gradients after each
-    of them, and the reduce-scatters accumulate into the sharded gradient, so a micro-batch
-    gives the sum that one backward would."""
+    (``models.init.repeated_blocks``: trunk layers and the heads' layers), whose hooks gather
+    and free it around each call and its backward, as in a plain forward. The root is
+    gathered here once and kept whole across the per-head backward calls
+    (``reshard_after_backward`` off); its gradients accumulate unsharded (gradient sync off)
+    until the last backward, after which FSDP's end-of-backward callback reduce-scatters them
+    once, as after one plain backward."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if not isinstance(model, FSDPModule):
-        yield
+        yield lambda: None
         return
     # What the root's first forward does: claim the nested units, so that their forwards do
     # not each set up as a root (private in torch 2.13; tests cover it).
     fully_shard.state(model)._lazy_init()
     model.set_reshard_after_backward(False, recurse=False)
+    model.set_requires_gradient_sync(False, recurse=False)
     model.unshard()
     try:
-        yield
+        yield lambda: model.set_requires_gradient_sync(True, recurse=False)
     finally:
         model.reshard()
+        model.set_requires_gradient_sync(True, recurse=False)
         model.set_reshard_after_backward(True, recurse=False)
 
 

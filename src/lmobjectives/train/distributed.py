@@ -26,6 +26,8 @@ is the single-process one, written by rank 0), and skips gradient sync on the mi
 before the last of a step. FSDP2 shards weights, gradients and optimizer state (memory per
 rank falls as 1/W) for an all-gather per block in forward and backward, a reduce-scatter per
 micro-batch (gradients stay sharded), and sharded DCP checkpoints (``checkpoint/sharded.py``).
+Under FSDP the model is built on the meta device and each block is initialised and sharded in
+turn (``shard_model``), so no rank ever holds the whole model.
 
 Failures: a rank that fails posts ``rank R: message`` in the rendezvous store and in the
 error file torchrun reads, then exits; the other ranks' next collective fails, they find the

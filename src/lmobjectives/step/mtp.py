@@ -36,11 +36,11 @@ from lmobjectives.errors import UserError
 from lmobjectives.loss import chunked_nll_sum, resolve_chunks, token_nll_sum
 from lmobjectives.models.presets import DECODER_PRESETS, check_preset
 from lmobjectives.models.init import materialise
-from lmobjectives.models.mtp import HEAD_SEED_OFFSET, MTPModel, MTPSpec, init_heads, load_heads, read_heads_spec
+from lmobjectives.models.mtp import (HEAD_SEED_OFFSET, MTPModel, MTPSpec, init_heads, load_heads,
+                                    read_heads_spec)
 from lmobjectives.objectives.mtp import MTP, depth_targets
 from lmobjectives.rundir import init_dir
 from lmobjectives.runtime import autocast
-
 
 
 def depth_labels(labels: torch.Tensor, position_ids: torch.Tensor, k: int) -> torch.Tensor:

@@ -81,7 +81,13 @@ CASES = {  # name: (objective, architecture, module options)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_sparse_head_equals_full_logits(specials, case):
+def test_sparse_head_equals_full_logits(specials, case, monkeypatch):
+    import lmobjectives.step.standard as standard
+
+    chunked_rows = []  # rows the chunked kernel sees (it reads the head's weight, not the module)
+    real = standard.chunked_nll_sum
+    monkeypatch.setattr(standard, "chunked_nll_sum", lambda h, *a: chunked_rows.append(
+        h.numel() // h.shape[-1]) or real(h, *a))
     objective, architecture, options = CASES[case]
     if "suppressed" in options:
         options = {**options, "suppressed": (specials.mask,)}
@@ -92,9 +98,11 @@ def test_sparse_head_equals_full_logits(specials, case):
     full_out, full = run(module, {k: v for k, v in batch.items() if k != SCORED_INDEX})
     out, got = run(module, batch)
     hook.remove()
-    if "loss_chunks" not in options:  # the chunked kernel reads the weight, not the module
-        n_rows = batch["labels"].size
-        assert rows == [n_rows, len(batch[SCORED_INDEX])]  # the full head, then the scored rows only
+    n_rows, n_scored = batch["labels"].size, len(batch[SCORED_INDEX])
+    if "loss_chunks" in options:
+        assert rows == [] and chunked_rows == [n_rows, n_scored]
+    else:
+        assert rows == [n_rows, n_scored]  # the full head, then the scored rows only
     torch.testing.assert_close(out["nll"], full_out["nll"], rtol=1e-5, atol=0)
     assert torch.equal(out["correct"], full_out["correct"])
     assert torch.equal(out["predicted"], full_out["predicted"])

@@ -7,6 +7,12 @@ peak measured in the same process, FLOPs counted with the (tied) head and attent
 
     python benchmarks/train_throughput.py --preset tiny --preset d128-l4 [--batch 16] [--seq-len 128]
     python benchmarks/train_throughput.py --preset small --batch 8 --seq-len 256 --trainer
+    python benchmarks/train_throughput.py --objective mlm --preset tiny --preset d128-l4
+
+``--objective mlm`` trains the ModernBERT encoder on BERT masking instead of the Llama decoder
+on next tokens: the plain loop is then ``model(input_ids, attention_mask, labels)`` of the HF
+masked-LM class (full-vocabulary head on every position), and the MFU counts the head on the
+scored tokens only, the FLOPs an MLM step needs.
 
 Targets (issue 14): >= 1.5x the plain loop and >= 45% of the peak at `tiny` and at the size
 the default job picks; >= 1.0x `Trainer` at `small`.
@@ -47,12 +53,23 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return best
 
 
-def flops_per_token(model, seq_len: int) -> float:  # noqa: ANN001
-    """6N for the matmuls (embedding lookup excluded, tied unembedding included) plus
-    attention's 12·layers·d·T (the PaLM appendix B count)."""
+# Architecture and the share of positions the loss scores, per benchmarked objective.
+OBJECTIVES = {"clm": ("decoder", 1.0), "mlm": ("encoder", 0.15)}  # BERT §3.1: 15 % selected
+
+
+def make_objective(name: str, specials: SpecialIds):  # noqa: ANN201
+    from lmobjectives.objectives import CLM, MLM
+
+    return {"clm": CLM, "mlm": MLM}[name](specials=specials)
+
+
+def flops_per_token(model, seq_len: int, head_share: float = 1.0) -> float:  # noqa: ANN001
+    """6N for the matmuls (embedding lookup excluded, tied unembedding included, on the
+    ``head_share`` of positions that are scored) plus attention's 12·layers·d·T (the PaLM
+    appendix B count)."""
     cfg = model.config
     n = count_parameters(model) - cfg.vocab_size * cfg.hidden_size  # no lookup FLOPs
-    n += cfg.vocab_size * cfg.hidden_size  # but the tied unembedding is a matmul
+    n += head_share * cfg.vocab_size * cfg.hidden_size  # but the tied unembedding is a matmul
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
@@ -69,19 +86,19 @@ def random_store(vocab: int, n_docs: int = 400, seed: int = 0) -> TokenStore:
 
 
 def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                    table: TokenStore, compile: bool = False) -> list[float]:
-    from lmobjectives.objectives import CLM
+                    table: TokenStore, compile: bool = False, objective: str = "clm") -> list[float]:
     from lmobjectives.tokenizer import load_tokenizer
 
-    cfg = build_config({"model": {"preset": preset, "precision": "fp32"}, "data": {"seq_len": seq_len},
-                        "train": {"steps": steps + 2, "batch_size": batch}})
-    model = build_model(preset, "decoder", specials, seq_len * 2, seed=0)
+    architecture = OBJECTIVES[objective][0]
+    cfg = build_config({"objective": objective, "model": {"preset": preset, "precision": "fp32"},
+                        "data": {"seq_len": seq_len}, "train": {"steps": steps + 2, "batch_size": batch}})
+    model = build_model(preset, architecture, specials, seq_len * 2, seed=0)
     model.config.use_cache = False
     run = Run(cfg=cfg, dir=Path(tempfile.mkdtemp(prefix="lmobj-bench-")), tokenizer=load_tokenizer(None),
               specials=specials,
-              sources=[Source("bench", table, 1.0)], objective=CLM(specials=specials),
-              architecture="decoder", model=model,
-              model_with_loss=StandardModule(torch.compile(model) if compile else model, "decoder"),
+              sources=[Source("bench", table, 1.0)], objective=make_objective(objective, specials),
+              architecture=architecture, model=model,
+              model_with_loss=StandardModule(torch.compile(model) if compile else model, architecture),
               device=torch.device("cpu"), bf16=False)
     trainer = Trainer(run, progress=False)
     times = []
@@ -92,10 +109,21 @@ def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials:
     return times[2:]  # the first steps warm allocators and kernels
 
 
+def plain_inputs(objective: str, rows, specials: SpecialIds, index: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """HF's own inputs for ``rows``: the tokens as their own labels (the model shifts them), or
+    BERT-masked inputs with labels on the selected tokens."""
+    x = torch.from_numpy(rows.tokens.astype(np.int64))
+    if objective == "clm":
+        return {"input_ids": x, "labels": x}
+    f = make_objective(objective, specials)(rows, np.random.default_rng([0, index]))
+    return {"input_ids": torch.from_numpy(f.inputs.astype(np.int64)), "attention_mask": torch.ones_like(x),
+            "labels": torch.from_numpy(np.where(f.target_mask, f.targets, -100).astype(np.int64))}
+
+
 def plain_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                     table: TokenStore, compile: bool = False) -> list[float]:
+                     table: TokenStore, compile: bool = False, objective: str = "clm") -> list[float]:
     """The loop a user would write: HF's own loss, AdamW, clipping, rows from the same store."""
-    model = build_model(preset, "decoder", specials, seq_len * 2, seed=0)
+    model = build_model(preset, OBJECTIVES[objective][0], specials, seq_len * 2, seed=0)
     model.config.use_cache = False
     src = PackedSource(table.split("train"), seq_len, seed=0, pad=specials.pad)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -103,8 +131,8 @@ def plain_step_times(preset: str, batch: int, seq_len: int, steps: int, specials
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
-        x = torch.from_numpy(src.rows(np.arange(i * batch, (i + 1) * batch)).tokens.astype(np.int64))
-        loss = fwd(input_ids=x, labels=x).loss
+        rows = src.rows(np.arange(i * batch, (i + 1) * batch))
+        loss = fwd(**plain_inputs(objective, rows, specials, i)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -114,7 +142,7 @@ def plain_step_times(preset: str, batch: int, seq_len: int, steps: int, specials
 
 
 def hf_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                  table: TokenStore, compile: bool = False) -> list[float]:
+                  table: TokenStore, compile: bool = False, objective: str = "clm") -> list[float]:
     import transformers as tf
 
     model = build_model(preset, "decoder", specials, seq_len * 2, seed=0)
@@ -151,9 +179,11 @@ def bench(preset: str, args: argparse.Namespace, specials: SpecialIds, table: To
     times: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.rounds):  # alternate, so all see the same background load
         for name, fn in sides.items():
-            times[name] += fn(preset, args.batch, args.seq_len, args.steps, specials, table, args.compile)
-    model = build_model(preset, "decoder", specials, args.seq_len * 2, seed=0)
-    fpt = flops_per_token(model, args.seq_len)
+            times[name] += fn(preset, args.batch, args.seq_len, args.steps, specials, table, args.compile,
+                              objective=args.objective)
+    architecture, head_share = OBJECTIVES[args.objective]
+    model = build_model(preset, architecture, specials, args.seq_len * 2, seed=0)
+    fpt = flops_per_token(model, args.seq_len, head_share)
     tokens = args.batch * args.seq_len
     return [(name, statistics.median(ts), fpt * tokens / statistics.median(ts) / peak)
             for name, ts in times.items()], count_parameters(model)
@@ -168,11 +198,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each")
     ap.add_argument("--trainer", action="store_true", help="add transformers' Trainer (needs accelerate)")
     ap.add_argument("--compile", action="store_true", help="torch.compile all sides (the first steps compile)")
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="clm",
+                    help="clm: Llama decoder, next tokens; mlm: ModernBERT encoder, BERT masking")
     args = ap.parse_args()
+    if args.trainer and args.objective != "clm":
+        ap.error("--trainer compares CLM only")
     specials = SpecialIds.default(8192)
     table = random_store(8192)
     peak = matmul_peak()
-    print(f"batch {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads, fp32"
+    print(f"{args.objective}, batch {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads, fp32"
           f"{', compiled' if args.compile else ''}; matmul peak {peak / 1e9:.0f} GFLOP/s (measured here)")
     print()
     print("| model | trainer | s/step (median) | tokens/s | MFU | vs plain loop |")

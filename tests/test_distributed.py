@@ -109,6 +109,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for objective in MTP_PARAMS if "mtp" in OBJECTIVES else []:  # the model's parts under FSDP
         out[f"fsdp-{objective}"] = root / f"fsdp-{objective}"
         jobs.append({"out": str(out[f"fsdp-{objective}"]), "config": config(store, objective, strategy="fsdp")})
+    if "mlm" in OBJECTIVES:  # the head applied to the scored rows, after FSDP's forward
+        out["fsdp-mlm"] = root / "fsdp-mlm"
+        jobs.append({"out": str(out["fsdp-mlm"]), "config": config(store, "mlm", strategy="fsdp")})
     for strategy in ("ddp", "fsdp"):
         jobs.append({"out": str(out[f"{strategy}-clm-resumed"]), "config": config(store, strategy=strategy),
                      "resume_from": str(out[f"{strategy}-clm"])})
@@ -147,6 +150,7 @@ def test_the_runs_read_padded_rows(runs):
 @pytest.mark.parametrize("name", ["ddp-clm", "fsdp-clm", "ddp-clm-chunked", "fsdp-clm-chunked",
                                   *[f"ddp-{o}" for o in EQUIVALENCE],
                                   *[f"fsdp-{o}" for o in MTP_PARAMS if "mtp" in OBJECTIVES],
+                                  *(["fsdp-mlm"] if "mlm" in OBJECTIVES else []),
                                   *[pytest.param(f"ddp-{o}", marks=pytest.mark.skip(
                                       reason=f"objective '{o}' is not registered in this tree"))
                                     for o in ("mlm", "span", "fim", "ul2", "prefix", "mtp")

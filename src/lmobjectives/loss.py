@@ -23,14 +23,36 @@ def aligned_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (N,) of ``x`` (B, T, ...) taken as (B·T, ...) rows: (N, ...)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+
+def scored_targets(labels: torch.Tensor, shift: bool, index: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Aligned labels (and weights) of the logits rows ``index`` (N,): (N,) each."""
+    target = aligned_labels(labels, shift).reshape(-1).index_select(0, index)
+    if weights is None:
+        return target, None
+    return target, aligned_labels_weights(weights, shift).reshape(-1).index_select(0, index)
+
+
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool,
                   weights: torch.Tensor | None = None,
-                  suppressed: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  suppressed: tuple[int, ...] = (),
+                  index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of weighted negative log-likelihoods, correct top-1 predictions, predicted tokens)
     over scored tokens. ``weights`` (B, T), aligned with ``labels``, multiply each token's
     loss; a token of weight 0 is scored (the caller's denominator counts it) but adds nothing
     and is not predicted (masked diffusion: an unmasked token carries itself over).
-    ``suppressed`` ids get logit −∞ (never predicted)."""
+    ``suppressed`` ids get logit −∞ (never predicted). ``index`` (N,), the batch's
+    ``scored_index``, limits the softmax to those rows of ``logits`` (sparse targets); without
+    it every row is computed and unscored ones add nothing. Labels and weights may also come
+    already aligned and flat, (N,), with ``shift`` False. Nothing here reads a device tensor
+    on the host: no synchronisation."""
+    if index is not None:
+        labels, weights = scored_targets(labels, shift, index, weights)  # (N,), (N,)
+        logits, shift = gather_rows(logits, index), False  # (N, V)
     V = logits.shape[-1]
     target = aligned_labels(labels, shift).reshape(-1)  # (B*T,)
     flat = logits.reshape(-1, V)  # (B*T, V), a view
@@ -39,11 +61,6 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool,
     if weights is not None:
         w = aligned_labels_weights(weights, shift).reshape(-1)  # (B*T,)
         keep = keep & (w != 0)
-    if int(keep.sum()) * 2 < target.numel():
-        # Sparse targets (MLM, padded seq2seq, diffusion): score only the selected rows.
-        flat, target = flat[keep], target[keep]  # (N, V), (N,)
-        w = w[keep] if w is not None else None
-        keep = torch.ones_like(target, dtype=torch.bool)
     flat = flat.float()
     if suppressed:
         flat = flat.index_fill(-1, torch.as_tensor(suppressed, device=flat.device), float("-inf"))
@@ -89,13 +106,11 @@ def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                     labels: torch.Tensor, shift: bool, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_nll_sum`` of ``F.linear(hidden, weight, bias)`` without (B·T, V) logits.
 
-    ``hidden`` (B, T, d) is the output projection's input. The same rows are scored (and
-    compacted when sparse) as in ``token_nll_sum``, so the two agree to rounding."""
+    ``hidden`` (B, T, d) is the output projection's input. The same rows are scored as in
+    ``token_nll_sum``, so the two agree to rounding; sparse targets are the caller's to gather
+    first (``gather_rows``, ``scored_targets``), as no row count is read here."""
     target = aligned_labels(labels, shift).reshape(-1)  # (B*T,)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, d)
-    keep = target != IGNORE
-    if int(keep.sum()) * 2 < target.numel():
-        flat, target = flat[keep], target[keep]  # (N, d), (N,)
     need_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(flat, weight, bias, target, chunks, need_grad)
 

@@ -14,6 +14,7 @@ its ``--init-from`` source has moved.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 from lmobjectives.config import RunConfig
 from lmobjectives.corpus import DEFAULT_CORPUS, iter_documents
-from lmobjectives.data.converters import CONVERTERS
+from lmobjectives.data.converters import convert_for_loss
 from lmobjectives.data.loader import PackedSource
 from lmobjectives.errors import UserError
 from lmobjectives.objectives import Objective, build_objective
@@ -56,7 +57,8 @@ class RunSpec:
 
     @property
     def converter(self):  # noqa: ANN201 - a function from features to a batch
-        return CONVERTERS[self.architecture]
+        """The architecture's converter, plus the loss's gather index (``scored_index``)."""
+        return functools.partial(convert_for_loss, self.architecture)
 
     @property
     def row_length(self) -> int:

@@ -238,7 +238,7 @@ def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
     forward, backward (no optimizer update, whose cost only follows the parameter count) —
     timed for every run back to back on the same machine, so the runs' own logs, written
     at different times under different machine load, are not what is compared."""
-    from lmobjectives.data.converters import CONVERTERS
+    from lmobjectives.data.converters import convert_for_loss
     from lmobjectives.runtime import to_torch
     from lmobjectives.step import StandardModule
 
@@ -251,7 +251,9 @@ def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
         for i in range(THROUGHPUT_STEPS + 1):  # the first step warms caches and is dropped
             _sync(bench.device)
             start = time.perf_counter()
-            batch = CONVERTERS[s.architecture](s.transform(rows, np.random.default_rng([0, i])), s.specials)
+            # as training converts: with the index that spares sparse targets the full head
+            batch = convert_for_loss(s.architecture, s.transform(rows, np.random.default_rng([0, i])),
+                                     s.specials)
             n = module.counts(batch)
             module.forward_backward(to_torch(batch, bench.device), torch.as_tensor(n, dtype=torch.float32))
             _sync(bench.device)

@@ -176,3 +176,36 @@ CONVERTERS: dict[str, Callable[[Features, SpecialIds], Batch]] = {
     "encoder_decoder": to_encoder_decoder,
     "bidirectional_decoder": to_bidirectional_decoder,
 }
+
+# The batch key of the loss's gather index (``scored_index``).
+SCORED_INDEX = "scored_index"
+
+
+def scored_index(labels: np.ndarray, shift: bool, weights: np.ndarray | None = None) -> np.ndarray:
+    """(N,) int64: the flat indices, into the batch's B·T logits rows, of the rows the loss
+    scores (after the decoder shift: row t scores ``labels[t + 1]``). A token of loss weight 0
+    is left out: it adds nothing and is not predicted.
+
+    Computed on the host so that the loss can gather these rows before the output head, and
+    choose between that and the full head from N alone (a shape, not a value: no host
+    synchronisation). Flat indices are exact (no padding rows), which is what lets masked
+    diffusion, whose rows vary from nearly none to all masked, take the sparse path; the price
+    is that a batch carrying them cannot be cut into rows without recomputing them.
+
+    >>> scored_index(np.array([[5, -100, 6, 7], [-100, -100, 8, -100]]), shift=True).tolist()
+    [1, 2, 5]
+    """
+    scored = labels != IGNORE
+    if weights is not None:
+        scored &= weights != 0
+    if shift:
+        scored = np.pad(scored[:, 1:], ((0, 0), (0, 1)))  # (B, T), aligned with the logits
+    return np.flatnonzero(scored).astype(np.int64)  # (N,)
+
+
+def convert_for_loss(architecture: str, f: Features, specials: SpecialIds) -> Batch:
+    """``CONVERTERS[architecture]``'s batch plus ``scored_index`` for the training loss."""
+    batch = CONVERTERS[architecture](f, specials)
+    batch[SCORED_INDEX] = scored_index(batch["labels"], CAUSAL_SHIFT[architecture],
+                                       batch.get("loss_weights"))
+    return batch

@@ -34,6 +34,13 @@ def output_projection(model: nn.Module) -> nn.Linear:
     return head
 
 
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The output projection, or None for a model that does not end in one."""
+    get = getattr(plain_model(model), "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return head if isinstance(head, nn.Linear) else None
+
+
 @contextlib.contextmanager
 def projection_removed(model: nn.Module) -> Iterator[nn.Linear]:
     """Within: ``model(...).logits`` is the projection's input (B, T, d); yields the projection."""

@@ -45,6 +45,9 @@ class DataConfig(_Strict):
     encoding: Literal["strict", "replace", "skip"] = "skip"
     text_field: str = "text"
     split: str = "train"  # the split of an HF datasets directory (``DatasetDict.save_to_disk``)
+    # Prepare the next step's micro-batches in a background thread while this step computes
+    # (train/batches.py: the same batches bit for bit, and a checkpoint saves only consumed ones).
+    prefetch: bool = True
 
 
 class TrainConfig(_Strict):

@@ -7,6 +7,7 @@ peak measured in the same process, FLOPs counted with the (tied) head and attent
 
     python benchmarks/train_throughput.py --preset tiny --preset d128-l4 [--batch 16] [--seq-len 128]
     python benchmarks/train_throughput.py --preset small --batch 8 --seq-len 256 --trainer
+    python benchmarks/train_throughput.py --preset tiny --prefetch  # adds lmobj, prefetch on
 
 Targets (issue 14): >= 1.5x the plain loop and >= 45% of the peak at `tiny` and at the size
 the default job picks; >= 1.0x `Trainer` at `small`.
@@ -15,6 +16,7 @@ the default job picks; >= 1.0x `Trainer` at `small`.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -28,6 +30,7 @@ from lmobjectives.data.loader import PackedSource
 from lmobjectives.models.presets import build_model, count_parameters
 from lmobjectives.store.store import TokenStore, write_store
 from lmobjectives.tokenizer.special import SpecialIds
+from lmobjectives.train.batches import compute_threads
 from lmobjectives.train.loop import Trainer
 from lmobjectives.step import StandardModule
 from lmobjectives.spec import Source
@@ -69,11 +72,12 @@ def random_store(vocab: int, n_docs: int = 400, seed: int = 0) -> TokenStore:
 
 
 def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                    table: TokenStore, compile: bool = False) -> list[float]:
+                    table: TokenStore, compile: bool = False, prefetch: str | bool = "auto") -> list[float]:
     from lmobjectives.objectives import CLM
     from lmobjectives.tokenizer import load_tokenizer
 
-    cfg = build_config({"model": {"preset": preset, "precision": "fp32"}, "data": {"seq_len": seq_len},
+    cfg = build_config({"model": {"preset": preset, "precision": "fp32"},
+                        "data": {"seq_len": seq_len, "prefetch": prefetch},
                         "train": {"steps": steps + 2, "batch_size": batch}})
     model = build_model(preset, "decoder", specials, seq_len * 2, seed=0)
     model.config.use_cache = False
@@ -84,11 +88,17 @@ def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials:
               model_with_loss=StandardModule(torch.compile(model) if compile else model, "decoder"),
               device=torch.device("cpu"), bf16=False)
     trainer = Trainer(run, progress=False)
+    threads = torch.get_num_threads()
+    # as `lmobj train` does: with a preparation thread on CPU, compute gets a core less
+    torch.set_num_threads(compute_threads(threads, trainer.batches.background, run.device))
     times = []
-    for _ in range(steps + 2):
-        t = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t)
+    try:
+        for _ in range(steps + 2):
+            t = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
     return times[2:]  # the first steps warm allocators and kernels
 
 
@@ -146,6 +156,8 @@ def bench(preset: str, args: argparse.Namespace, specials: SpecialIds, table: To
           peak: float) -> list[tuple[str, float, float]]:
     """(name, s/step median, MFU) for each side, alternating rounds."""
     sides = {"plain PyTorch loop": plain_step_times, "lmobj": ours_step_times}
+    if args.prefetch:
+        sides["lmobj, prefetch on"] = functools.partial(ours_step_times, prefetch=True)
     if args.trainer:
         sides["transformers Trainer"] = hf_step_times
     times: dict[str, list[float]] = {k: [] for k in sides}
@@ -168,6 +180,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each")
     ap.add_argument("--trainer", action="store_true", help="add transformers' Trainer (needs accelerate)")
     ap.add_argument("--compile", action="store_true", help="torch.compile all sides (the first steps compile)")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="add lmobj with data.prefetch true (the next step prepared in a thread)")
     args = ap.parse_args()
     specials = SpecialIds.default(8192)
     table = random_store(8192)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load,
                                      read_checkpoint_state, save_checkpoint, save_sharded)
 from lmobjectives.errors import UserError
-from lmobjectives.train.batches import Micro, StepBatches, make_step
+from lmobjectives.train.batches import Micro, StepBatches, in_background, make_step
 from lmobjectives.train.budget import StepPlan
 from lmobjectives.train.distributed import agree_on_checkpoint, barrier
 from lmobjectives.train.preflight import preflight
@@ -59,7 +59,7 @@ class Trainer:
         self.copier = HostToDevice(run.device)
         self.batches = StepBatches(lambda counter, step: make_step(
             run, self.loader, self.copier, self.embedding_rows, counter, self.cfg.train.grad_accum,
-            step), background=self.cfg.data.prefetch)
+            step), background=in_background(self.cfg.data.prefetch, run.device))
         self.step = 0
         self.tokens = 0
         self.tokens_by_source = {s.name: 0 for s in run.sources}

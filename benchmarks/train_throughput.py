@@ -182,7 +182,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile all sides (the first steps compile)")
     ap.add_argument("--prefetch", action="store_true",
                     help="add lmobj with data.prefetch true (the next step prepared in a thread)")
+    ap.add_argument("--threads", type=int, help="intra-op threads for every side (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     specials = SpecialIds.default(8192)
     table = random_store(8192)
     peak = matmul_peak()

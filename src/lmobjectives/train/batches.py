@@ -26,13 +26,15 @@ The prepared step costs one step's batches of memory. ``data.prefetch: false`` m
 step on the critical path instead (the same numbers).
 
 When it pays. On CUDA the host only queues kernels while the GPU computes, so host work done
-beside it is hidden: ``auto`` prepares in the background there. On CPU the cores compute;
-measured on 2 shared AMD EPYC cores (``benchmarks/train_throughput.py --prefetch``), a
-step's preparation is < 1% of its time (0.6-3 ms of 150-600 ms for 8-16 rows of 128 tokens,
-CLM, FIM or UL2), so there is nothing to hide, and a preparation thread beside two compute
-threads made steps 1.2-2.7x slower (three busy threads on two cores, the GIL handed back and
-forth): ``auto`` keeps it off on CPU. Asked for on CPU (``true``), it leaves the preparation
-a core of its own: compute runs on at most the usable cores minus one (``compute_threads``).
+beside it is hidden: ``auto`` prepares in the background there. On CPU the cores compute, and
+measured on 2 shared AMD EPYC cores (load 4-7) a step's preparation is < 1% of its time
+(0.6-3 ms of 150-600 ms for 8-16 rows of 128 tokens; CLM, FIM, UL2): there is nothing to
+hide, and the thread costs more than it saves. Beside one compute thread it made steps
+0.84-0.86x as fast (``benchmarks/train_throughput.py --threads 1 --prefetch``: tiny,
+d128-l4), beside two 1.2-2.7x slower (three busy threads on two cores, the GIL handed back
+and forth). So ``auto`` keeps it off on CPU; asked for there (``true``), it leaves the
+preparation a core: compute runs on at most the usable cores minus one (``compute_threads``),
+which calibration (``train/calibrate.py``) then measures as the run will train.
 """
 
 from __future__ import annotations

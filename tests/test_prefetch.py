@@ -77,6 +77,9 @@ def test_a_stop_with_a_step_prepared_resumes_bit_exact(small_store, reference, t
     assert again.started == "resumed from step-0000004"
     assert ru.metrics(out) == ru.metrics(reference)
     assert ru.same_weights(ru.final_weights(out), ru.final_weights(reference))
+    for run in (out, reference):  # the end: no step prepared past the last one is counted
+        last = json.loads((run / "checkpoints" / "step-0000006" / "state.json").read_text())
+        assert last["loader"]["counter"] == 12
 
 
 def test_an_error_while_preparing_is_the_users_error_line(small_store, tmp_path):

@@ -8,6 +8,7 @@ peak measured in the same process, FLOPs counted with the (tied) head and attent
     python benchmarks/train_throughput.py --preset tiny --preset d128-l4 [--batch 16] [--seq-len 128]
     python benchmarks/train_throughput.py --preset small --batch 8 --seq-len 256 --trainer
     python benchmarks/train_throughput.py --objective mlm --preset tiny --preset d128-l4
+    python benchmarks/train_throughput.py --preset tiny --prefetch  # adds lmobj, prefetch on
 
 ``--objective mlm`` trains the ModernBERT encoder on BERT masking instead of the Llama decoder
 on next tokens: the plain loop is then ``model(input_ids, attention_mask, labels)`` of the HF
@@ -21,6 +22,7 @@ the default job picks; >= 1.0x `Trainer` at `small`.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -34,6 +36,7 @@ from lmobjectives.data.loader import PackedSource
 from lmobjectives.models.presets import build_model, count_parameters
 from lmobjectives.store.store import TokenStore, write_store
 from lmobjectives.tokenizer.special import SpecialIds
+from lmobjectives.train.batches import compute_threads
 from lmobjectives.train.loop import Trainer
 from lmobjectives.step import StandardModule
 from lmobjectives.spec import Source
@@ -86,12 +89,14 @@ def random_store(vocab: int, n_docs: int = 400, seed: int = 0) -> TokenStore:
 
 
 def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials: SpecialIds,
-                    table: TokenStore, compile: bool = False, objective: str = "clm") -> list[float]:
+                    table: TokenStore, compile: bool = False, objective: str = "clm",
+                    prefetch: str | bool = "auto") -> list[float]:
     from lmobjectives.tokenizer import load_tokenizer
 
     architecture = OBJECTIVES[objective][0]
     cfg = build_config({"objective": objective, "model": {"preset": preset, "precision": "fp32"},
-                        "data": {"seq_len": seq_len}, "train": {"steps": steps + 2, "batch_size": batch}})
+                        "data": {"seq_len": seq_len, "prefetch": prefetch},
+                        "train": {"steps": steps + 2, "batch_size": batch}})
     model = build_model(preset, architecture, specials, seq_len * 2, seed=0)
     model.config.use_cache = False
     run = Run(cfg=cfg, dir=Path(tempfile.mkdtemp(prefix="lmobj-bench-")), tokenizer=load_tokenizer(None),
@@ -101,11 +106,17 @@ def ours_step_times(preset: str, batch: int, seq_len: int, steps: int, specials:
               model_with_loss=StandardModule(torch.compile(model) if compile else model, architecture),
               device=torch.device("cpu"), bf16=False)
     trainer = Trainer(run, progress=False)
+    threads = torch.get_num_threads()
+    # as `lmobj train` does: with a preparation thread on CPU, compute gets a core less
+    torch.set_num_threads(compute_threads(threads, trainer.batches.background, run.device))
     times = []
-    for _ in range(steps + 2):
-        t = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - t)
+    try:
+        for _ in range(steps + 2):
+            t = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
     return times[2:]  # the first steps warm allocators and kernels
 
 
@@ -174,6 +185,8 @@ def bench(preset: str, args: argparse.Namespace, specials: SpecialIds, table: To
           peak: float) -> list[tuple[str, float, float]]:
     """(name, s/step median, MFU) for each side, alternating rounds."""
     sides = {"plain PyTorch loop": plain_step_times, "lmobj": ours_step_times}
+    if args.prefetch:
+        sides["lmobj, prefetch on"] = functools.partial(ours_step_times, prefetch=True)
     if args.trainer:
         sides["transformers Trainer"] = hf_step_times
     times: dict[str, list[float]] = {k: [] for k in sides}
@@ -200,9 +213,14 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile all sides (the first steps compile)")
     ap.add_argument("--objective", choices=sorted(OBJECTIVES), default="clm",
                     help="clm: Llama decoder, next tokens; mlm: ModernBERT encoder, BERT masking")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="add lmobj with data.prefetch true (the next step prepared in a thread)")
+    ap.add_argument("--threads", type=int, help="intra-op threads for every side (default: torch's)")
     args = ap.parse_args()
     if args.trainer and args.objective != "clm":
         ap.error("--trainer compares CLM only")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     specials = SpecialIds.default(8192)
     table = random_store(8192)
     peak = matmul_peak()

@@ -97,3 +97,42 @@ def test_time_and_steps_or_too_short(small_store, tmp_path):
     assert_user_error(p, "too short", "give at least")
     p = lmobj("train", "--time", "5 minutes", "--out", str(tmp_path / "c"))
     assert_user_error(p, "--time")
+
+
+def test_a_kill_while_calibrating_restarts_the_calibration(tmp_path):
+    """SIGKILL while a timed run without a preset calibrates (``config.yaml`` written, nothing
+    trained): ``--resume`` calibrates again, its budget counted from the resume, and sizes
+    the model as the start would have; once sized, ``--resume-if-exists`` with the command
+    that started it still finds it (by the config it was given). Never a traceback."""
+    import os
+    import signal
+
+    import runs_util as ru
+
+    store = ru.make_store(tmp_path, n_docs=40, words=300)
+
+    def kill_in_calibration() -> None:
+        import lmobjectives.train.calibrate as cal
+
+        def measure(*a, **kw):  # noqa: ANN002,ANN003,ANN202
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        cal.measure = measure
+
+    out = tmp_path / "run"
+    args = ["train", "--time", "30s", "--data", str(store), "--out", str(out), "--json",
+            "--set", "train.eval_batches=1", "--set", "model.precision=fp32"]
+    p = ru.start_child(args, tmp_path / "killed.log", kill_in_calibration)
+    p.join(120)
+    assert p.exitcode == -signal.SIGKILL
+    assert sorted(q.name for q in out.iterdir()) == ["config.yaml", "writer.lock"]
+    done = lmobj("train", "--resume", str(out), "--json")  # a new process: its own budget
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "calibrating again" in done.stderr
+    assert "resumed (no checkpoint yet: from step 0)" in done.stderr
+    cal = json.loads((out / "run.json").read_text())["budget"]["calibration"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["preset"] == cal["chosen"]
+    assert cal["chosen"] in SHAPES and (out / "final" / "model.safetensors").is_file()
+    done = lmobj(*args, "--resume-if-exists")
+    assert done.returncode == 0 and "resumed from step-" in done.stderr, done.stderr[-2000:]
+    assert "calibrating again" not in done.stderr and "calibration (" not in done.stderr

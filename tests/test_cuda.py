@@ -58,3 +58,20 @@ def test_a_bf16_run_with_chunked_loss_learns(small_store, tmp_path):
     losses = [r["loss"] for r in map(json.loads, lines) if not r.get("eval")]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] and math.isfinite(result.eval["loss"])
+
+
+def test_prefetch_on_the_gpu_trains_as_without(small_store, tmp_path):
+    """``data.prefetch: auto`` prepares the next step on a thread and copies it from pinned
+    memory on a side stream: the same losses as the serial path (the first bit for bit; the
+    later ones up to the GPU's non-deterministic backward reductions)."""
+    from lmobjectives.train.job import train
+
+    losses = {}
+    for prefetch in ("auto", False):
+        tree = tiny_tree(small_store, str(tmp_path / str(prefetch)), steps=4, grad_accum=2)
+        tree["data"]["prefetch"] = prefetch
+        result = train(build_config(tree), progress=False, say=lambda m: None)
+        lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[prefetch] = [r["loss"] for r in map(json.loads, lines) if not r.get("eval")]
+    assert len(losses["auto"]) == 4 and losses["auto"][0] == losses[False][0]
+    assert losses["auto"] == pytest.approx(losses[False], rel=1e-4)

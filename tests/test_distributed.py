@@ -103,6 +103,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         out[f"{strategy}-clm-chunked"] = root / f"{strategy}-clm-chunked"
         jobs.append({"out": str(out[f"{strategy}-clm-chunked"]),
                      "config": config(store, strategy=strategy, loss_chunks=3)})
+    out["ddp-clm-prefetch"] = root / "ddp-clm-prefetch"  # each rank prepares its next step
+    prefetching = config(store)
+    prefetching["data"]["prefetch"] = True
+    jobs.append({"out": str(out["ddp-clm-prefetch"]), "config": prefetching})
     for objective in EQUIVALENCE:
         out[f"ddp-{objective}"] = root / f"ddp-{objective}"
         jobs.append({"out": str(out[f"ddp-{objective}"]), "config": config(store, objective)})
@@ -202,6 +206,13 @@ def test_resume_on_the_same_world_size_is_bit_exact(runs, strategy):
     whole, resumed = runs[f"{strategy}-clm"], runs[f"{strategy}-clm-resumed"]
     assert losses(resumed) == losses(whole)  # steps 1-2 kept, 3-4 redone: equal floats
     assert_same_weights(whole / "final", resumed / "final")
+
+
+def test_two_processes_prefetching_train_as_without(runs):
+    """Each rank prepares its own next step in the background: the same floats, bit for bit."""
+    assert losses(runs["ddp-clm-prefetch"]) == losses(runs["ddp-clm"])
+    assert losses(runs["ddp-clm-prefetch"], "grad_norm") == losses(runs["ddp-clm"], "grad_norm")
+    assert_same_weights(runs["ddp-clm-prefetch"] / "final", runs["ddp-clm"] / "final")
 
 
 def test_the_gathered_fsdp_export_matches_ddp(runs):

@@ -113,16 +113,16 @@ def hook_forward(n: int):
 def hook_epoch_boundary() -> None:
     from lmobjectives.data.loader import Loader
 
-    real = Loader.__next__
+    real = Loader.batch  # how the train loop reads global micro-batch g
 
-    def nxt(self):  # noqa: ANN001
-        first_row = self.counter * self.batch_size
+    def batch(self, g):  # noqa: ANN001,ANN202
+        first_row = g * self.batch_size
         rpe = self.sources[0].rows_per_epoch
         if first_row // rpe != (first_row + self.batch_size - 1) // rpe or (first_row and first_row % rpe == 0):
             ru.kill_self()  # this micro-batch starts or straddles a new epoch
-        return real(self)
+        return real(self, g)
 
-    Loader.__next__ = nxt
+    Loader.batch = batch
 
 
 def hook_torch_save(n: int):

@@ -54,7 +54,8 @@ def test_step_one_loss_is_transformers_own_loss(tmp_path, expected):
     from transformers import LlamaForCausalLM
 
     from lmobjectives.config import build_config
-    from lmobjectives.train.loop import Trainer, make_batch
+    from lmobjectives.train.batches import make_batch
+    from lmobjectives.train.loop import Trainer
     from lmobjectives.train.setup import open_run
 
     store = synthetic_store(tmp_path / "store")

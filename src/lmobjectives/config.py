@@ -45,6 +45,10 @@ class DataConfig(_Strict):
     encoding: Literal["strict", "replace", "skip"] = "skip"
     text_field: str = "text"
     split: str = "train"  # the split of an HF datasets directory (``DatasetDict.save_to_disk``)
+    # Prepare the next step's micro-batches in a background thread while this step computes
+    # (train/batches.py: the same batches bit for bit; a checkpoint saves only consumed ones).
+    # auto: on CUDA only (measured on CPU: nothing to hide, and a thread to compete with).
+    prefetch: Literal["auto"] | bool = "auto"
 
 
 class TrainConfig(_Strict):
@@ -302,12 +306,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
+def config_to_yaml(cfg: RunConfig, given_only: bool = False) -> str:
     """The resolved config; a timed run's number of steps is its plan's (in the checkpoints
-    and ``run.json``), not a config key, so the file does not give both."""
-    tree = cfg.model_dump(mode="json")
+    and ``run.json``), not a config key, so the file does not give both. ``given_only``:
+    only the keys that were given (reloaded, the same config, and the same keys unset — a
+    timed run without a preset is still sized)."""
+    tree = cfg.model_dump(mode="json", exclude_unset=given_only)
     if cfg.train.time is not None:
-        tree["train"].pop("steps")
+        tree.get("train", {}).pop("steps", None)
     return yaml.safe_dump(tree, sort_keys=False)
 
 

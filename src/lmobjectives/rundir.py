@@ -87,6 +87,7 @@ def config_hash(cfg: RunConfig) -> str:
     tree.pop("log", None)  # trackers watch the run; they do not change it
     if tree["data"].get("split") == "train":
         tree["data"].pop("split")  # runs from before the key existed keep their hash
+    tree["data"].pop("prefetch", None)  # when batches are made does not change them
     return stable_hash(tree)
 
 

@@ -50,6 +50,42 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, to
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
 
 
+class HostToDevice:
+    """Numpy batches to tensors on ``device``, callable from any thread.
+
+    On CPU the tensors share the arrays' memory (no copy). On CUDA each array is pinned and
+    copied with ``non_blocking=True`` on a side stream, so a copy issued from a background
+    thread neither blocks that thread nor waits behind the compute stream's kernels; an event
+    recorded after the copies is what the compute stream waits on (``ready``) before using
+    them — the pattern of NVIDIA Apex's ``data_prefetcher``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], Any]:
+        """The tensors of ``batch`` and the event that marks their copy (None on CPU)."""
+        host = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+        if self.stream is None:
+            return {k: t.to(self.device) for k, t in host.items()}, None
+        with torch.cuda.stream(self.stream):
+            out = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in host.items()}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def ready(self, tensors: dict[str, torch.Tensor], event: Any) -> None:
+        """Make the current (compute) stream wait for the copy of ``tensors``; a GPU-side
+        wait, the host goes on. ``record_stream`` keeps the caching allocator from handing
+        their memory to another tensor while the compute stream may still read them."""
+        if event is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in tensors.values():
+            t.record_stream(current)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

@@ -76,6 +76,7 @@ def measure(cfg: RunConfig, run_dir: Path, box_end: float, world_size: int,
     import torch
 
     from lmobjectives.models.presets import count_parameters
+    from lmobjectives.train.batches import compute_threads
     from lmobjectives.train.loop import Trainer
     from lmobjectives.train.setup import open_run
 
@@ -84,8 +85,33 @@ def measure(cfg: RunConfig, run_dir: Path, box_end: float, world_size: int,
         trainer = Trainer(run, progress=False)
     except UserError:  # e.g. MTP's compute matching needs more layers than this shape has
         return None
-    threads = torch.get_num_threads()
+    # With a preparation thread on CPU, compute gets a core less (train/batches.py).
+    threads = compute_threads(torch.get_num_threads(), trainer.batches.background, run.device)
     counts = [1, threads] if threads > 1 and one_thread else [threads]
+    try:
+        times = _time_thread_counts(trainer, counts, box_end, clock)
+    finally:
+        trainer.close()  # the step it prepared for a next step that will not run
+    by_threads = {n: sum(ts) / len(ts) for n, ts in times.items() if ts}
+    best = min(by_threads, key=by_threads.get)
+    step_s = by_threads[best]
+    tokens_per_step = trainer.tokens / trainer.step  # this process's share
+    return {"shape": cfg.model.preset, "parameters": count_parameters(run.model),
+            "step_seconds": round(step_s, 4), "threads": best,
+            "step_seconds_by_threads": {str(k): round(v, 4) for k, v in by_threads.items()},
+            "tokens_per_step": int(tokens_per_step * world_size),
+            "tokens_per_second": round(tokens_per_step * world_size / step_s, 1),
+            "steps_measured": trainer.step}
+
+
+def _time_thread_counts(trainer: Any, counts: list[int], box_end: float,
+                        clock: Callable[[], float]) -> dict[int, list[float]]:
+    """Step times with each of ``counts`` compute threads. With ``data.prefetch`` each timed
+    step runs beside the preparation of the next one, as in the run, so the count chosen
+    is the best one with the preparation thread competing for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
     times: dict[int, list[float]] = {n: [] for n in counts}
     torch.set_num_threads(counts[0])
     try:
@@ -102,16 +128,7 @@ def measure(cfg: RunConfig, run_dir: Path, box_end: float, world_size: int,
             times[counts[i % len(counts)]] += _timed_steps(trainer, 1, float("inf"), clock)
         finally:
             torch.set_num_threads(threads)
-    by_threads = {n: sum(ts) / len(ts) for n, ts in times.items() if ts}
-    best = min(by_threads, key=by_threads.get)
-    step_s = by_threads[best]
-    tokens_per_step = trainer.tokens / trainer.step  # this process's share
-    return {"shape": cfg.model.preset, "parameters": count_parameters(run.model),
-            "step_seconds": round(step_s, 4), "threads": best,
-            "step_seconds_by_threads": {str(k): round(v, 4) for k, v in by_threads.items()},
-            "tokens_per_step": int(tokens_per_step * world_size),
-            "tokens_per_second": round(tokens_per_step * world_size / step_s, 1),
-            "steps_measured": trainer.step}
+    return times
 
 
 def calibrate(cfg: RunConfig, run_dir: Path, plan_seconds: Callable[[], float], *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import sys
@@ -20,6 +21,7 @@ from lmobjectives.config import RunConfig
 from lmobjectives.errors import UserError
 from lmobjectives.evaluate.metrics import left_to_right_bpb, objective_eval, val_batches
 from lmobjectives.report.plots import plot_loss
+from lmobjectives.train.batches import compute_threads
 from lmobjectives.train.budget import parse_duration
 from lmobjectives.train.calibrate import start_plan, timed_setup
 from lmobjectives.train.distributed import (World, barrier, broadcast_object, eval_share,
@@ -56,8 +58,11 @@ def evaluate_run(run: Run, n_batches: int | None = None) -> dict[str, Any]:
     return out
 
 
-def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None, overwrite: bool) -> Path | None:
-    """``cfg.out`` when it holds a run of the same config, None when it holds none. Rank 0
+def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None,
+                  overwrite: bool) -> tuple[Path | None, RunConfig]:
+    """(``cfg.out`` when it holds a run of the same config, else None; the config to run).
+    A timed run that sized its model was started by a config without the size: it matches
+    by the hash of the config it was given (``run.json``), and continues with its own. Rank 0
     decides for every rank: the others could otherwise see the run files it is writing."""
     if resume is not None or overwrite:
         raise UserError("--resume-if-exists decides between starting and resuming by itself; "
@@ -65,17 +70,21 @@ def _existing_run(cfg: RunConfig, world: World, resume: str | Path | None, overw
     if cfg.out is None:
         raise UserError("--resume-if-exists needs --out: the run directory to start or resume")
     out = Path(cfg.out)
-    decision: tuple[str | None, str | None] = (None, None)  # (run to resume, error)
+    decision: tuple[str | None, str | None, bool] = (None, None, False)  # (run, error, its config)
     if world.rank == 0 and (out / "config.yaml").is_file():
+        info = out / "run.json"
+        given = json.loads(info.read_text()).get("given_config_hash") if info.is_file() else None
         if config_hash(load_run_config(out)) == config_hash(cfg):
-            decision = (str(out), None)
+            decision = (str(out), None, False)
+        elif given == config_hash(cfg):
+            decision = (str(out), None, True)
         else:
             decision = (None, f"{out} holds a run with another config; give its own config (or "
-                              "--resume it), or choose another --out")
-    found, error = broadcast_object(decision)
+                              "--resume it), or choose another --out", False)
+    found, error, own = broadcast_object(decision)
     if error is not None:
         raise UserError(error)
-    return None if found is None else Path(found)
+    return (None, cfg) if found is None else (Path(found), load_run_config(out) if own else cfg)
 
 
 def _prepare_out(run_dir: Path, overwrite: bool) -> None:
@@ -155,7 +164,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, overwrite: bool =
     threads = torch.get_num_threads()  # calibration may choose fewer; restored at the end
     with failures_end_every_rank(world), _restored_threads(threads):
         if resume_if_exists:
-            resume = _existing_run(cfg, world, resume, overwrite)
+            resume, cfg = _existing_run(cfg, world, resume, overwrite)
         result = _train(cfg, world, resume=resume, overwrite=overwrite, force=force,
                         allow_reshard=allow_reshard, progress=progress,
                         say=say if world.rank == 0 else (lambda m: None), started_at=started_at)
@@ -211,8 +220,8 @@ def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path |
     barrier()  # no rank cleans leftovers below while rank 0 still writes config.yaml
     for p in clean_leftovers(run_dir):  # temporary files of a write that was killed
         say(f"removed the leftover {p} of an interrupted write")
-    calibration = None
-    if cfg.train.time is not None and resume is None:
+    calibration, given_hash = None, config_hash(cfg)
+    if cfg.train.time is not None and (resume is None or _setup_unfinished(run_dir, say)):
         cfg, calibration = timed_setup(cfg, run_dir, world, started_at, say, progress and lead)
     seed_everything(cfg.train.seed)
     run = open_in_turn(lambda: open_run(cfg, run_dir, progress=progress and lead, rank=world.rank,
@@ -221,10 +230,12 @@ def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path |
         torch.set_num_threads(calibration["threads"])
         run.info["budget"] = {"time": cfg.train.time, "seconds": parse_duration(cfg.train.time),
                               "calibration": calibration}
+        run.info["given_config_hash"] = given_hash  # --resume-if-exists finds the run by it
     n_params = sum(p.numel() for p in run.model.parameters())
     parallelize(run, world)
     trainer = Trainer(run, progress=progress)
     trainer.started_at = started_at
+    torch.set_num_threads(compute_threads(torch.get_num_threads(), trainer.batches.background, run.device))
     if resume is not None:
         ckpt = trainer.resume(force=force, allow_reshard=allow_reshard)
         if lead and not (run_dir / "run.json").is_file():  # stopped before its setup ended
@@ -245,6 +256,16 @@ def _set_up(cfg: RunConfig, world: World, run_dir: Path, *, resume: str | Path |
     say(f"run {run_dir}: {started}; objective {cfg.objective} on {run.architecture} "
         f"({n_params / 1e6:.2f} M parameters), {length}{procs}")
     return trainer, started
+
+
+def _setup_unfinished(run_dir: Path, say: Callable[[str], None]) -> bool:
+    """A resumed timed run stopped before its setup wrote ``run.json`` (e.g. killed while it
+    calibrated) has trained nothing: it calibrates again, its budget counted from now. Rank 0
+    decides for every rank."""
+    unfinished = broadcast_object(not (run_dir / "run.json").is_file())
+    if unfinished:
+        say("the run stopped before its setup ended: calibrating again, the budget counts from now")
+    return unfinished
 
 
 def _open_trackers(trainer: Trainer, run_dir: Path, *, resumed: bool,

@@ -3,11 +3,14 @@ data -> batches -> ``module.forward_backward`` -> optimizer. Neither knows which
 runs: the objective is a function from rows to features, the converter a function from
 features to batches.
 
-One optimizer step: fetch all ``grad_accum`` micro-batches, count their scored tokens (and
+One optimizer step: take all ``grad_accum`` micro-batches, count their scored tokens (and
 all-reduce the count over ranks), then run forward/backward on each with the loss divided by
 that global count — so accumulation and data parallelism give the update of one big batch.
 Each micro-batch's objective randomness comes from ``(seed, global micro-batch index)``,
-which is also what makes resume exact.
+which is also what makes resume exact, and what lets the next step's micro-batches be
+prepared in a background thread while this step computes (``train/batches.py``).
+The host reads the device once per step (``_read_back``: what logging and the guards need
+before the update); nothing in the micro-batch loop does.
 """
 
 from __future__ import annotations
@@ -24,28 +27,22 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
 
 from lmobjectives.checkpoint import (clean_leftovers, list_checkpoints, load,
                                      read_checkpoint_state, save_checkpoint, save_sharded)
 from lmobjectives.errors import UserError
+from lmobjectives.train.batches import Micro, StepBatches, in_background, make_step
 from lmobjectives.train.budget import StepPlan
 from lmobjectives.train.distributed import agree_on_checkpoint, barrier
-from lmobjectives.train.preflight import check_batch, preflight
+from lmobjectives.train.preflight import preflight
 from lmobjectives.train.guards import GuardState
-from lmobjectives.train.resume_rules import check_resumable
+from lmobjectives.train.resume_rules import check_progress, check_resumable
 from lmobjectives.train.schedule import build_optimizer, lr_at
 from lmobjectives.rundir import config_hash, truncate_metrics
-from lmobjectives.runtime import to_torch
+from lmobjectives.runtime import HostToDevice
 from lmobjectives.train.setup import Run
-
-
-def batch_rng(seed: int, global_index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, global_index])
-
-
-def make_batch(run: Run, rows, global_index: int) -> dict[str, np.ndarray]:
-    features = run.objective(rows, batch_rng(run.cfg.train.seed, global_index))
-    return run.converter(features, run.specials)
 
 
 class Stop(Exception):
@@ -59,6 +56,10 @@ class Trainer:
         self.embedding_rows = preflight(run)  # vocab/data mismatches end here, before step 1
         self.optimizer = build_optimizer(run.model, self.cfg)
         self.loader = run.train_loader()
+        self.copier = HostToDevice(run.device)
+        self.batches = StepBatches(lambda counter, step: make_step(
+            run, self.loader, self.copier, self.embedding_rows, counter, self.cfg.train.grad_accum,
+            step), background=in_background(self.cfg.data.prefetch, run.device))
         self.step = 0
         self.tokens = 0
         self.tokens_by_source = {s.name: 0 for s in run.sources}
@@ -138,13 +139,8 @@ class Trainer:
             self.reshard_note = note
         _state, _sched, rng = load(path, self.run.model, self.optimizer)
         step, tokens, by_source = state["step"], state["tokens"], state["tokens_by_source"]
-        counter, guard = loader_state["counter"], state["guard"]
-        bad, recent = guard["bad_in_row"], guard["recent"]
-        count = lambda v: type(v) is int and v >= 0  # noqa: E731 - bool is not a count
-        if not (all(count(v) for v in (step, tokens, counter, bad)) and isinstance(by_source, dict)
-                and all(count(v) for v in by_source.values()) and isinstance(recent, list)
-                and all(type(x) in (int, float) for x in recent)):
-            raise ValueError("step, tokens, loader or guard fields of the wrong type")
+        bad, recent = state["guard"]["bad_in_row"], state["guard"]["recent"]
+        check_progress(state, loader_state)
         self.step, self.tokens = step, tokens
         # sources unchanged by a forced resume keep their counts; new ones start at 0
         self.tokens_by_source.update({k: v for k, v in by_source.items() if k in self.tokens_by_source})
@@ -179,16 +175,16 @@ class Trainer:
         micro = self._fetch()
         totals = self._count(micro)
         lr = self._begin(self.total_steps)
-        nll, correct, predicted = self._forward_backward(micro, totals)
-        nll, correct, predicted, real_by_source = self._reduce_stats(nll, correct, predicted, micro)
+        sums = self._forward_backward(micro, totals)
         hook = self._update_hook()
         if hook is not None:
             hook.before_clip()  # pre-update hook: e.g. new embedding rows only
-        grad_norm = self._clip()
-        record = self._record(nll, correct, predicted, totals, lr, grad_norm)
+        host = self._read_back(sums, micro, self._clip(), totals)
+        record = self._record(host, lr)
         if hook is not None:
             record["update"] = "new_rows_only"
-        skip = self._guard(record)
+        # why this update is skipped (non-finite, spike), or None
+        skip = self.guard.verdict(record, self.cfg.train.spike_zscore, self.cfg.train.spike_action)
         if skip is None:
             self.optimizer.step()
             if hook is not None:
@@ -196,23 +192,27 @@ class Trainer:
         else:
             record["skipped"] = skip
         self.optimizer.zero_grad(set_to_none=True)
-        self._account(micro, real_by_source, totals, record)
+        self._account(micro, host, record)
         return record
 
-    def _fetch(self) -> list[tuple[dict[str, np.ndarray], Any, Any]]:
-        """The step's micro-batches: (batch, rows, source index per row)."""
-        micro = []
-        for _ in range(self.cfg.train.grad_accum):
-            g = self.loader.counter * self.loader.world_size + self.loader.rank
-            rows, src = next(self.loader)
-            batch = make_batch(self.run, rows, g)
-            check_batch(batch, self.embedding_rows, self.step + 1)
-            micro.append((batch, rows, src))
+    def _fetch(self) -> list[Micro]:
+        """This step's micro-batches (prepared while the last step computed, or made now);
+        then the next step's are started in the background. The loader's counter moves past
+        the micro-batches taken here only: a checkpoint saves what was consumed."""
+        counter = self.loader.counter
+        micro = self.batches.take(counter, self.step + 1)
+        self.loader.counter = counter + len(micro)
+        if self.step + 1 < self.total_steps:  # a timed run's re-plan may still drop it: harmless
+            self.batches.prepare(self.loader.counter, self.step + 2)
         return micro
 
-    def _count(self, micro: list) -> torch.Tensor:
+    def close(self) -> None:
+        """Wait for (and drop) a step prepared in the background that no step will take."""
+        self.batches.close()
+
+    def _count(self, micro: list[Micro]) -> torch.Tensor:
         """Scored tokens per loss term in the whole step, over every rank."""
-        counts = sum(self.run.model_with_loss.counts(b) for b, _, _ in micro)
+        counts = sum(self.run.model_with_loss.counts(m.batch) for m in micro)
         return self._all_reduce(torch.as_tensor(counts, dtype=torch.float64, device=self.run.device))
 
     def _begin(self, total_steps: int) -> float:
@@ -225,81 +225,83 @@ class Trainer:
             begin(self.step, total_steps)
         return lr
 
-    def _forward_backward(self, micro: list, totals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _forward_backward(self, micro: list[Micro], totals: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Gradients of sum(loss / global count) over the micro-batches; (nll, correct) sums
         and the tokens the first term's accuracy is over: what the module reports as
         ``predicted`` (a weighted loss predicts only its tokens of non-zero weight), else the
-        scored tokens."""
+        scored tokens. Device tensors only: nothing here waits for the device."""
         with_loss = self.run.model_with_loss
         nll = torch.zeros(len(with_loss.terms), dtype=torch.float64, device=self.run.device)
         correct = torch.zeros_like(nll)
         predicted = torch.zeros(1, dtype=torch.float64, device=self.run.device)
-        for i, (batch, _, _) in enumerate(micro):
-            tensors = to_torch(batch, self.run.device)
+        counts = totals.float()
+        for i, m in enumerate(micro):
+            self.copier.ready(m.tensors, m.copied)
             sync = getattr(with_loss, "no_sync", None)  # DDP: all-reduce on the last one only
             with sync() if sync is not None and i < len(micro) - 1 else contextlib.nullcontext():
-                out = with_loss.forward_backward(tensors, totals.float())
+                out = with_loss.forward_backward(m.tensors, counts)
             nll += out["nll"].double()
             correct += out["correct"].double()
             predicted += out["predicted"].double()[:1] if "predicted" in out else \
-                float(with_loss.counts(batch)[0])
+                float(with_loss.counts(m.batch)[0])
         return nll, correct, predicted
 
-    def _reduce_stats(self, nll: torch.Tensor, correct: torch.Tensor, predicted: torch.Tensor,
-                      micro: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
-        """One all-reduce carries the loss sums, the per-source token counts and the stop flag,
-        so that every rank logs the same numbers and stops at the same step."""
+    def _read_back(self, sums: tuple[torch.Tensor, ...], micro: list[Micro], grad_norm: torch.Tensor,
+                   totals: torch.Tensor) -> dict[str, Any]:
+        """The step's one read of the device. One all-reduce carries the (nll, correct,
+        predicted) sums, the per-source token counts and the stop flag, so that every rank
+        logs the same numbers and stops at the same step; the gradient norm and the token
+        counts (already reduced) come back in the same transfer."""
         run = self.run
-        real_by_source = np.zeros(len(run.sources))
-        for _, rows, src in micro:
-            np.add.at(real_by_source, np.asarray(src, dtype=np.int64),
-                      (rows.tokens != run.specials.pad).sum(axis=1))
-        n_terms = len(nll)
+        by_source = np.zeros(len(run.sources))
+        for m in micro:
+            np.add.at(by_source, np.asarray(m.src, dtype=np.int64),
+                      (m.rows.tokens != run.specials.pad).sum(axis=1))
         stats = self._all_reduce(torch.cat([
-            nll, correct, predicted,
-            torch.as_tensor(real_by_source, dtype=torch.float64, device=run.device),
+            *sums, torch.as_tensor(by_source, dtype=torch.float64, device=run.device),
             torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=run.device)]))
-        self._stop_agreed = bool(stats[-1] > 0)
-        return (stats[:n_terms], stats[n_terms:2 * n_terms], stats[2 * n_terms:2 * n_terms + 1],
-                stats[2 * n_terms + 1:-1].tolist())
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
+        values = torch.cat([stats, grad_norm.detach().double().reshape(1), totals]).tolist()
+        n, k = len(run.model_with_loss.terms), len(run.sources)
+        stop = 2 * n + 1 + k  # after nll, correct (n each), predicted (1), tokens by source (k)
+        self._stop_agreed = values[stop] > 0
+        return {"nll": values[:n], "correct": values[n:2 * n], "predicted": values[2 * n],
+                "by_source": values[2 * n + 1:stop], "grad_norm": values[stop + 1],
+                "totals": values[stop + 2:]}
 
     def _update_hook(self) -> Any:
         """The run's update filter when it acts on this step (None otherwise)."""
         f = self.run.update_filter
         return f if f is not None and f.active(self.step) else None
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
+        """Clip the gradients; their norm, on the device (read back with the other stats)."""
         clip = self.cfg.train.grad_clip
-        return float(torch.nn.utils.clip_grad_norm_(self.run.model.parameters(),
-                                                     clip if clip > 0 else float("inf")))
+        return torch.nn.utils.clip_grad_norm_(self.run.model.parameters(),
+                                              clip if clip > 0 else float("inf"))
 
-    def _record(self, nll: torch.Tensor, correct: torch.Tensor, predicted: torch.Tensor,
-                totals: torch.Tensor, lr: float, grad_norm: float) -> dict[str, Any]:
-        terms = self.run.model_with_loss.terms
-        per_term = (nll / totals.clamp(min=1)).tolist()
+    def _record(self, host: dict[str, Any], lr: float) -> dict[str, Any]:
+        terms, totals = self.run.model_with_loss.terms, host["totals"]
+        per_term = [v / max(t, 1.0) for v, t in zip(host["nll"], totals)]
         record: dict[str, Any] = {"step": self.step + 1, "loss": per_term[0], "lr": lr,
-                                  "grad_norm": grad_norm}
+                                  "grad_norm": host["grad_norm"]}
         if len(per_term) > 1:
             # The first term is already "loss" / "accuracy".
             record.update({f"{name}": v for name, v in zip(terms[1:], per_term[1:])})
-            record.update({f"{name}_acc": float(c / max(n, 1)) for name, c, n in
-                           zip(terms[1:], correct.tolist()[1:], totals.tolist()[1:])})
-        record["accuracy"] = float(correct[0] / max(float(predicted[0]), 1))
+            record.update({f"{name}_acc": c / max(n, 1) for name, c, n in
+                           zip(terms[1:], host["correct"][1:], totals[1:])})
+        record["accuracy"] = host["correct"][0] / max(host["predicted"], 1)
         return record
 
-    def _guard(self, record: dict[str, Any]) -> str | None:
-        """Why this step's update is skipped (non-finite, spike), or None."""
-        return self.guard.verdict(record, self.cfg.train.spike_zscore, self.cfg.train.spike_action)
-
-    def _account(self, micro: list, real_by_source: list[float], totals: torch.Tensor,
-                 record: dict[str, Any]) -> None:
+    def _account(self, micro: list[Micro], host: dict[str, Any], record: dict[str, Any]) -> None:
         """Advance step and token counts; end the run after too many bad steps in a row."""
         run = self.run
         for i, source in enumerate(run.sources):
-            self.tokens_by_source[source.name] += int(real_by_source[i])
-        self.tokens += sum(rows.tokens.size for _, rows, _ in micro) * run.world_size
+            self.tokens_by_source[source.name] += int(host["by_source"][i])
+        self.tokens += sum(m.rows.tokens.size for m in micro) * run.world_size
         self.step += 1
-        record.update({"tokens": self.tokens, "targets": int(totals[0])})
+        record.update({"tokens": self.tokens, "targets": int(host["totals"][0])})
         if len(run.sources) > 1:
             record["tokens_by_source"] = dict(self.tokens_by_source)
         if self.guard.bad_in_row >= self.cfg.train.max_bad_steps:
@@ -341,6 +343,7 @@ class Trainer:
                         self.save()
                     raise Stop()
         finally:
+            self.close()  # a step prepared for a step that will not run
             if bar is not None:
                 bar.close()
         return last
@@ -391,7 +394,5 @@ class Trainer:
     def _bar(self):  # noqa: ANN202
         if not self.progress:
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5, file=sys.stderr)

@@ -14,6 +14,18 @@ from lmobjectives.train.distributed import reshard_loader_state
 from lmobjectives.train.setup import Run
 
 
+def check_progress(state: dict[str, Any], loader_state: dict[str, Any]) -> None:
+    """A ``ValueError`` when the step, token, loader or guard fields are not counts."""
+    guard, by_source = state["guard"], state["tokens_by_source"]
+    count = lambda v: type(v) is int and v >= 0  # noqa: E731 - bool is not a count
+    if not (all(count(v) for v in (state["step"], state["tokens"], loader_state["counter"],
+                                   guard["bad_in_row"]))
+            and isinstance(by_source, dict) and all(count(v) for v in by_source.values())
+            and isinstance(guard["recent"], list)
+            and all(type(x) in (int, float) for x in guard["recent"])):
+        raise ValueError("step, tokens, loader or guard fields of the wrong type")
+
+
 def check_resumable(run: Run, state: dict[str, Any], path: Path, force: bool,
                     allow_reshard: bool) -> tuple[dict[str, Any], str | None]:
     """(loader state to restore, a note on resharding or None); a ``UserError`` when refused."""

@@ -141,11 +141,14 @@ def build_run_model(spec: RunSpec, tok_from: str, init_info: dict[str, Any], *,
 
 def write_config_first(cfg: RunConfig, run_dir: Path) -> None:
     """``config.yaml`` of a new run, written (atomically) before any setup work: a run killed
-    while its tokenizer or store is prepared can then be resumed, and the setup redoes what is
-    missing. ``write_run_files`` rewrites it with the same content once the run is open."""
+    while its tokenizer or store is prepared, or while a timed run calibrates, can then be
+    resumed, and the setup redoes what is missing. Only the keys given are written, so that
+    the resume decides what the start would have (a timed run without a preset calibrates
+    and sizes its model); ``write_run_files`` rewrites it, resolved, once the run is open."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.yaml", config_to_yaml(resolve_init(cfg)[0]).encode())
+        text = config_to_yaml(resolve_init(cfg)[0], given_only=True)
+        atomic_write_bytes(run_dir / "config.yaml", text.encode())
     except OSError as exc:  # forbidden, read-only, under a file: the user's to fix
         raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
 

@@ -45,3 +45,36 @@ def test_shares_sum_to_the_whole(small_store, tmp_path, objective):
 
         whole, parts = sums(bpb, 1)[0], sums(bpb, 2)
         np.testing.assert_allclose(parts[0] + parts[1], whole, rtol=1e-12)
+
+
+def test_large_vocabulary_eval_applies_the_head_in_chunks(small_store, tmp_path, monkeypatch):
+    """Past the logits budget, bits/byte is scored from hidden states a few rows at a time:
+    the head never sees the whole batch at once, and the numbers equal the one-piece path."""
+    import lmobjectives.loss as loss
+    from lmobjectives.models.output import output_projection
+
+    run = open_run(build_config(tiny_tree(small_store, str(tmp_path / "run"))), tmp_path / "run",
+                   progress=False)
+    rows = val_batches(run.val_source(), 4, 2)
+    lengths = token_byte_lengths(run.tokenizer)
+    whole = bits_per_byte(run.model, rows, run.specials, lengths, run.device, by_position=True)
+    import torch.nn.functional as F
+
+    head = output_projection(run.model)
+    plain_linear, seen = F.linear, []
+
+    def linear(x, weight, bias=None):  # noqa: ANN001, ANN202 - records the head's row counts
+        if weight is head.weight:
+            seen.append(x.shape[0])
+        return plain_linear(x, weight, bias)
+
+    monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", 1)  # every row its own chunk
+    monkeypatch.setattr(F, "linear", linear)
+    chunked = bits_per_byte(run.model, rows, run.specials, lengths, run.device, by_position=True)
+    monkeypatch.undo()
+    assert seen and max(seen) == 1  # one row of the batch per head call, never (B, T, V)
+    assert chunked["bits_per_byte"] == pytest.approx(whole["bits_per_byte"], rel=1e-6)
+    assert chunked["bytes"] == whole["bytes"]
+    assert chunked["loss_by_position"].keys() == whole["loss_by_position"].keys()
+    for bucket, nll in whole["loss_by_position"].items():
+        assert chunked["loss_by_position"][bucket] == pytest.approx(nll, rel=1e-5)

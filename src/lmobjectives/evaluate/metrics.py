@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lmobjectives.data.loader import PackedSource
-from lmobjectives.loss import IGNORE
+from lmobjectives.loss import IGNORE, resolve_chunks
+from lmobjectives.models.output import output_projection, projection_removed
 from lmobjectives.objectives.base import Rows
 from lmobjectives.objectives.clm import CLM
 from lmobjectives.data.converters import to_decoder
-from lmobjectives.runtime import to_torch
+from lmobjectives.runtime import autocast, to_torch
 from lmobjectives.step import StandardModule, TrainModule
 
 EVAL_SEED = 1234  # objectives' randomness on validation rows: fixed, so evals compare across steps
@@ -120,17 +122,15 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
             nbytes = np.where(labels >= 0, byte_lengths[np.maximum(labels, 0)], 0)
             keep = nbytes > 0  # special-token targets carry no bytes: out of both sums
             batch["labels"] = np.where(keep, labels, IGNORE)
-            logits = module.logits(to_torch(batch, device))  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
             lab = torch.from_numpy(batch["labels"][:, 1:]).to(device)  # (B, T-1)
             valid = lab != IGNORE
-            picked = logp.gather(-1, lab.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
-            nats -= float(picked[valid].sum())
+            nll = next_token_nll(module, to_torch(batch, device), lab)  # (B, T-1)
+            nats += float(nll[valid].sum())
             n_bytes += int(nbytes[:, 1:][keep[:, 1:]].sum())
             n_tokens += int(valid.sum())
             if per_pos is not None:
                 pos = batch["position_ids"][:, 1:]  # (B, T-1) positions of the targets
-                per_pos.add(pos[valid.cpu().numpy()], -picked[valid].double().cpu().numpy())
+                per_pos.add(pos[valid.cpu().numpy()], nll[valid].double().cpu().numpy())
     finally:
         model.train(was_training)
     buckets = [] if per_pos is None else [per_pos.nll, per_pos.count]
@@ -143,6 +143,32 @@ def bits_per_byte(model: torch.nn.Module, rows_list: list[Rows], specials, byte_
            "bytes": n_bytes, "lm_loss": nats / max(n_tokens, 1)}
     if per_pos is not None:
         out["loss_by_position"] = per_pos.result()
+    return out
+
+
+def next_token_nll(module: StandardModule, batch: dict[str, torch.Tensor],
+                   targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each next token, (B, T-1) fp32, ``targets`` (B, T-1) the
+    labels shifted left (ignored ones score anything). While the batch's fp32 logits fit in
+    ``CHUNK_LOGITS_BYTES`` they are formed in one piece; beyond, the model returns hidden
+    states and the output head is applied a few rows at a time, so evaluating a large
+    vocabulary never holds (B, T, V) logits (the memory rule of training's chunked loss)."""
+    B, T = batch["input_ids"].shape[:2]
+    vocab = output_projection(module.model).out_features
+    chunks = resolve_chunks("auto", B * T, vocab)
+    safe = targets.clamp(min=0)[..., None]  # (B, T-1, 1)
+    if chunks == 1:
+        logp = torch.log_softmax(module.logits(batch)[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        return -logp.gather(-1, safe)[..., 0]
+    with projection_removed(module.model) as head:
+        hidden = module.logits(batch)[:, :-1]  # (B, T-1, d): the projection's input
+    out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
+    rows = max(1, -(-B // chunks))
+    for lo in range(0, B, rows):
+        with autocast(targets.device, module.bf16):
+            z = F.linear(hidden[lo:lo + rows], head.weight, head.bias)  # (b, T-1, V)
+        logp = torch.log_softmax(z.float(), dim=-1)
+        out[lo:lo + rows] = -logp.gather(-1, safe[lo:lo + rows])[..., 0]
     return out
 
 

@@ -9,16 +9,16 @@ import time
 import pytest
 
 from lmobjectives.compare import compare
-from lmobjectives.compare.timing import MEASURE_SHARE, split_budget
+from lmobjectives.compare.timing import MEASURE_MARGIN, split_budget
 from lmobjectives.errors import UserError
 
 
 def test_split_budget_is_equal_per_run_after_setup_and_reserve():
-    plan = split_budget("10m", 600.0, 40.0, ["clm seed 0", "clm seed 1", "mlm seed 0", "mlm seed 1"])
-    assert plan["measure_reserve_s"] == pytest.approx(MEASURE_SHARE * 600)
-    assert plan["per_run_s"] == int((600 - 40 - MEASURE_SHARE * 600) // 4)
+    plan = split_budget("10m", 600.0, 40.0, 20.0, ["clm seed 0", "clm seed 1", "mlm seed 0", "mlm seed 1"])
+    assert plan["measure_reserve_s"] == pytest.approx(4 * MEASURE_MARGIN * 20)
+    assert plan["per_run_s"] == int((600 - 40 - 4 * MEASURE_MARGIN * 20) // 4)
     with pytest.raises(UserError, match="too short for 4 runs"):
-        split_budget("20s", 20.0, 10.0, ["a", "b", "c", "d"])
+        split_budget("60s", 60.0, 10.0, 10.0, ["a", "b", "c", "d"])
 
 
 @pytest.mark.parametrize("flags", [["--steps", "5"], ["--tokens", "1000"]])
@@ -37,24 +37,26 @@ def test_time_with_steps_or_tokens_is_one_error_line(tmp_path, monkeypatch, caps
 
 def test_tiny_timed_compare_gives_each_run_its_share(two_source_store, tmp_path):
     out = tmp_path / "cmp"
-    budget_s = 30.0
+    budget_s = 60.0
     began = time.time()
     compare(["clm", "mlm"], store=two_source_store, out=out, preset="tiny", seq_len=32,
-            batch_size=2, seeds=1, time_budget="30s", started_at=began, progress=False,
+            batch_size=2, seeds=1, time_budget="60s", started_at=began, progress=False,
             say=lambda m: None)
     wall = time.time() - began
     plan = json.loads((out / "compare.json").read_text())
     t = plan["time"]
     assert plan["budget_rule"] == "time" and plan["budget_tokens"] is None
     assert t["runs"] == ["clm seed 0", "mlm seed 0"]
-    want = (budget_s - t["setup_s"] - MEASURE_SHARE * budget_s) / 2
-    assert want - 1 <= t["per_run_s"] <= want  # setup_s is rounded to 0.1 s
+    assert t["measure_reserve_s"] == pytest.approx(2 * MEASURE_MARGIN * t["measure_one_s"], abs=0.2)
+    want = (budget_s - t["setup_s"] - t["measure_reserve_s"]) / 2
+    assert want - 1 <= t["per_run_s"] <= want + 1  # setup_s and the reserve are rounded
     for label, run in zip(t["runs"], plan["runs"]):
         cfg = (out / run["run_dir"] / "config.yaml").read_text()
         assert f"time: {t['per_run_s']}s" in cfg
         # A timed run ends within its share (the train --time contract: <= 10% past it).
         assert 0 < t["trained_s"][label] <= 1.1 * t["per_run_s"] + 1
-    assert t["measure_s"] > 0 and wall < 1.5 * budget_s
+    assert 0 < t["measure_s"] and wall < 1.25 * budget_s
+    assert not (out / "pilot").exists()
     print(json.dumps(t), f"wall {wall:.1f}")
     md = (out / "report.md").read_text()
     assert f"Budget rule: equal wall time: {t['per_run_s']} s per run." in md

@@ -42,6 +42,7 @@ import yaml
 from lmobjectives.checkpoint import list_checkpoints
 from lmobjectives.compare.measure import (METRICS, Bench, Subject, measure, measure_key,
                                           read_measure, write_measure)
+from lmobjectives.compare.pilot import pilot_seconds
 from lmobjectives.compare.plan_file import write_plan
 from lmobjectives.compare.shared import shared_store, shared_tokenizer
 from lmobjectives.compare.timing import finish, plan_time, record_run
@@ -300,6 +301,7 @@ def compare(
     command, counted from ``started_at``; ``compare.timing``) — and write the report (every
     metric as mean ± 95% interval over the seeds)."""
     from lmobjectives.report.comparison import write_report
+    from lmobjectives.runtime import select_device
 
     started_at = time.time() if started_at is None else started_at
     _check_sources_and_budget(corpus, store, steps, tokens, seeds, time_budget)
@@ -320,15 +322,21 @@ def compare(
         budget = tokens if tokens is not None else \
             (steps or t.steps) * t.batch_size * t.grad_accum * shared.data.seq_len
     plans = plan_runs(entries, tree, budget or 1, tok, specials, out, run_seed_list)
+    # Built before training: a timed comparison counts it as setup and times one
+    # measurement on it before splitting the budget.
+    bench = make_bench(shared.data.store, tok, specials, shared, select_device())
     if time_budget is not None:
-        timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans])
+        timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans],
+                           lambda: pilot_seconds(plans[0][1], bench, out / "pilot"))
         plans = plan_runs(entries, tree, None, tok, specials, out, run_seed_list,
                           per_run_s=timing["per_run_s"])
         say(f"--time {time_budget}: {timing['per_run_s']} s of wall time per run "
-            f"({len(plans)} runs; {timing['measure_reserve_s']:.0f} s kept for measuring)")
+            f"({len(plans)} runs; {timing['measure_reserve_s']:.0f} s kept for measuring them)")
     _train_all(plans, result, timing, out, overwrite, progress, say)
     measure_began = time.time()
-    probe = _measure_all(plans, shared, tok, specials, say)
+    for e, cfg, _ in plans:
+        measure_run(e, cfg, bench, say)
+    probe = bench.probe
     if timing is not None:
         timing = finish(timing, time.time() - measure_began, started_at)
     runs = [{"label": e.label, "objective": e.objective, "seed": cfg.train.seed,
@@ -353,14 +361,3 @@ def _train_all(plans: list[tuple[Entry, RunConfig, int]], result: CompareResult,
         result.runs[label] = train_or_reuse(cfg, overwrite=overwrite, progress=progress, say=say)
         if timing is not None and result.runs[label] != "reused":
             record_run(out, timing, label, time.time() - began)
-
-
-def _measure_all(plans: list[tuple[Entry, RunConfig, int]], shared: RunConfig, tok: Any,
-                 specials: Any, say: Callable[[str], None]) -> Any:
-    """Measure every run on one bench; returns the bench's probe (or why it has none)."""
-    from lmobjectives.runtime import select_device
-
-    bench = make_bench(shared.data.store, tok, specials, shared, select_device())
-    for e, cfg, _ in plans:
-        measure_run(e, cfg, bench, say)
-    return bench.probe

@@ -142,6 +142,14 @@ class MTPModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any):  # noqa: ANN201
         return self.lm(*args, **kwargs)
 
+    # The output head of ``forward`` is the wrapped model's: evaluation that applies it in
+    # chunks (``models/output.py``) finds and swaps it here.
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
+
+    def set_output_embeddings(self, head: nn.Module) -> None:
+        self.lm.set_output_embeddings(head)
+
     # ------------------------------------------------------------------ pieces
     @property
     def trunk_layers(self) -> nn.ModuleList:

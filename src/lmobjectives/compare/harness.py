@@ -135,10 +135,12 @@ def plan_runs(entries: list[Entry], tree: dict[str, Any], budget: int | None, to
               per_run_s: int | None = None) -> list[tuple[Entry, RunConfig, int]]:
     """(entry, config, row_length) per run and seed: with ``per_run_s``, a timed run of that
     many seconds (``compare.timing``); else steps set for an equal budget of ``budget``
-    tokens. A seed sets model initialisation, data order and objective randomness."""
+    tokens. A seed sets model initialisation, data order and objective randomness. Runs
+    go seed by seed (every objective once, then again): when the machine's load changes
+    during a comparison, it falls on every objective alike, not on the last ones."""
     plans = []
-    for e in entries:
-        for seed in seeds:
+    for seed in seeds:
+        for e in entries:
             t = copy.deepcopy(tree)
             t["train"] = {**t["train"], "seed": seed}
             if per_run_s is not None:

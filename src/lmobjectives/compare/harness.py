@@ -29,13 +29,14 @@ reads only the files this writes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
@@ -54,6 +55,10 @@ from lmobjectives.objectives import OBJECTIVES, build_objective, objective_class
 # Every registered objective, in registry order: a newly added objective is compared too.
 DEFAULT_OBJECTIVES = tuple(OBJECTIVES)
 DEFAULT_OUT = "runs/compare"
+# Measuring is small batches and one-token decoding, where a second thread only waits on a
+# shared machine: measured on a tiny-preset CLM run, 2 cores at load ~5, 9.7 s with one
+# thread against 21.8 s with two (token probes 1.2 s against 12.9 s), ~116 s at load ~7.
+MEASURE_THREADS = 1
 # Three seeds give a first interval (t(0.975, 2) = 4.30); fewer where the budget is tight.
 DEFAULT_SEEDS = 3
 
@@ -207,6 +212,19 @@ def make_bench(store_path: str, tokenizer: Any, specials: Any, cfg: RunConfig, d
                  seq_len=cfg.data.seq_len)
 
 
+@contextlib.contextmanager
+def measuring_threads() -> Iterator[None]:
+    """Measure with ``MEASURE_THREADS`` torch threads, restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(MEASURE_THREADS, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_run(entry: Entry, cfg: RunConfig, bench: Bench, say: Callable[[str], None]) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -328,16 +346,18 @@ def compare(
     # measurement on it before splitting the budget.
     bench = make_bench(shared.data.store, tok, specials, shared, select_device())
     if time_budget is not None:
-        timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans],
-                           lambda: pilot_seconds(plans[0][1], bench, out / "pilot"))
+        with measuring_threads():
+            timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans],
+                               lambda: pilot_seconds(plans[0][1], bench, out / "pilot"))
         plans = plan_runs(entries, tree, None, tok, specials, out, run_seed_list,
                           per_run_s=timing["per_run_s"])
         say(f"--time {time_budget}: {timing['per_run_s']} s of wall time per run "
             f"({len(plans)} runs; {timing['measure_reserve_s']:.0f} s kept for measuring them)")
     _train_all(plans, result, timing, out, overwrite, progress, say)
     measure_began = time.time()
-    for e, cfg, _ in plans:
-        measure_run(e, cfg, bench, say)
+    with measuring_threads():
+        for e, cfg, _ in plans:
+            measure_run(e, cfg, bench, say)
     probe = bench.probe
     if timing is not None:
         timing = finish(timing, time.time() - measure_began, started_at)

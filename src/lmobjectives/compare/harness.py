@@ -346,13 +346,9 @@ def compare(
     # measurement on it before splitting the budget.
     bench = make_bench(shared.data.store, tok, specials, shared, select_device())
     if time_budget is not None:
-        with measuring_threads():
-            timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans],
-                               lambda: pilot_seconds(plans[0][1], bench, out / "pilot"))
+        timing = _split_time(out, time_budget, started_at, plans, bench, say)
         plans = plan_runs(entries, tree, None, tok, specials, out, run_seed_list,
                           per_run_s=timing["per_run_s"])
-        say(f"--time {time_budget}: {timing['per_run_s']} s of wall time per run "
-            f"({len(plans)} runs; {timing['measure_reserve_s']:.0f} s kept for measuring them)")
     _train_all(plans, result, timing, out, overwrite, progress, say)
     measure_began = time.time()
     with measuring_threads():
@@ -369,6 +365,18 @@ def compare(
                skipped=result.skipped, probe=probe, command=command)
     result.report_md, result.report_html = write_report(out)
     return result
+
+
+def _split_time(out: Path, time_budget: str, started_at: float,
+                plans: list[tuple[Entry, RunConfig, int]], bench: Bench,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """The equal split of ``time_budget`` across ``plans`` (``compare.timing``)."""
+    with measuring_threads():
+        timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans],
+                           lambda: pilot_seconds(plans[0][1], bench, out / "pilot"))
+    say(f"--time {time_budget}: {timing['per_run_s']} s of wall time per run "
+        f"({len(plans)} runs; {timing['measure_reserve_s']:.0f} s kept for measuring them)")
+    return timing
 
 
 def _train_all(plans: list[tuple[Entry, RunConfig, int]], result: CompareResult,

@@ -57,3 +57,22 @@ def tiny_tree(store: str, out: str, **train) -> dict:
     # on every machine CI may run on
     return {"objective": "clm", "model": {"preset": "tiny", "precision": "fp32"}, "data": {"store": store, "seq_len": 32},
             "train": t, "out": out}
+
+
+@pytest.fixture(scope="session")
+def two_source_store(tmp_path_factory) -> str:
+    """A store from two corpus directories (code, prose): the probe's two classes."""
+    from lmobjectives.corpus import iter_documents
+    from lmobjectives.store.prepare import prepare_store
+    from lmobjectives.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("two")
+    for part in ("code", "prose"):
+        (root / part).mkdir()
+        for i, doc in enumerate(iter_documents([f"default:{part}"])):
+            if i % 4 == 0 and i < 160:
+                (root / part / f"{i:04d}.txt").write_text(doc.text[:3000])
+    out = root / "store"
+    prepare_store([str(root / "code"), str(root / "prose")], load_tokenizer(None), out,
+                  val_fraction=0.4, progress=False)
+    return str(out)

@@ -21,25 +21,6 @@ FAST = dict(preset="tiny", seq_len=32, batch_size=2, steps=10, seeds=2,
 SEEDS = (0, 1)
 
 
-@pytest.fixture(scope="module")
-def two_source_store(tmp_path_factory) -> str:
-    """A store from two corpus directories (code, prose): the probe's two classes."""
-    from lmobjectives.corpus import iter_documents
-    from lmobjectives.store.prepare import prepare_store
-    from lmobjectives.tokenizer import load_tokenizer
-
-    root = tmp_path_factory.mktemp("two")
-    for part in ("code", "prose"):
-        (root / part).mkdir()
-        for i, doc in enumerate(iter_documents([f"default:{part}"])):
-            if i % 4 == 0 and i < 160:
-                (root / part / f"{i:04d}.txt").write_text(doc.text[:3000])
-    out = root / "store"
-    prepare_store([str(root / "code"), str(root / "prose")], load_tokenizer(None), out,
-                  val_fraction=0.4, progress=False)
-    return str(out)
-
-
 def table_rows(md: str, heading: str) -> list[list[str]]:
     part = md.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     table = next(b for b in part.split("\n\n") if b.startswith("|"))

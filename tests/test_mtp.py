@@ -455,3 +455,21 @@ def test_speculative_needs_heads(specials, tmp_path):
 def test_head_names():
     assert head_names(1) == ("loss",)
     assert head_names(3) == ("loss", "depth2", "depth3")
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_bits_per_byte_scores_an_mtp_model_by_its_next_token_head(specials, monkeypatch, chunk_bytes):
+    """Evaluation finds the wrapped model's output head (one piece, or applied in chunks)
+    and scores exactly what the wrapped causal LM scores."""
+    from lmobjectives import loss
+    from lmobjectives.evaluate.metrics import bits_per_byte
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", chunk_bytes)  # force row chunks
+    model = tiny_mtp(specials, 3, "parallel")
+    rng = np.random.default_rng(0)
+    rows = [Rows.from_tokens(rng.integers(200, specials.vocab_size, size=(2, 16)), specials.eos)]
+    lengths = np.ones(specials.vocab_size, dtype=np.int64)
+    got = bits_per_byte(model, rows, specials, lengths, CPU)["bits_per_byte"]
+    want = bits_per_byte(model.lm, rows, specials, lengths, CPU)["bits_per_byte"]
+    assert got == pytest.approx(want, rel=1e-6)

@@ -90,6 +90,7 @@ def compare(
     preset: str = typer.Option("small", help="Model size for every family: tiny, small, base."),
     steps: Optional[int] = typer.Option(None, help="Budget: this many steps of seq_len rows (default 150)."),
     tokens: Optional[int] = typer.Option(None, help="Budget: corpus tokens each run reads."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Budget: wall time of the whole command (90s, 30m, 2h), split equally across runs (objectives x seeds), measuring included."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch."),
     seq_len: Optional[int] = typer.Option(None, help="Sequence length."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (the same for every run)."),
@@ -100,14 +101,15 @@ def compare(
     overwrite: bool = typer.Option(False, help="Retrain runs whose config differs from this one."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Train SEEDS models per objective under an equal token budget and write a report."""
+    """Train SEEDS models per objective under an equal budget (tokens, or wall time with --time) and write a report."""
+    from lmobjectives.cli.train import STARTED_AT
     from lmobjectives.compare import compare as run_compare
 
     res = run_compare(objectives.split(","), corpus=corpus or None, store=data, tokenizer=tokenizer,
-                      preset=preset, steps=steps, tokens=tokens, batch_size=batch_size,
+                      preset=preset, steps=steps, tokens=tokens, time_budget=time_, batch_size=batch_size,
                       seq_len=seq_len, lr=lr, seed=seed, seeds=seeds, sets=set_ or [], out=out,
                       overwrite=overwrite, progress=not json_out,
-                      command="lmobj " + " ".join(sys.argv[1:]))
+                      command="lmobj " + " ".join(sys.argv[1:]), started_at=STARTED_AT)
     summary = {"out": str(res.out), "runs": res.runs, "skipped": res.skipped,
                "report_md": str(res.report_md), "report_html": str(res.report_html)}
     if json_out:

@@ -15,7 +15,11 @@ and each run's step count is ``round(budget / tokens per step)``::
     clm:  row 64 -> 256 tokens/step -> 100 steps
     span: row 70 -> 280 tokens/step ->  91 steps
 
-``--steps N`` sets the budget to N steps of ``seq_len`` rows. Runs live in ``DIR/runs/KEY``
+``--steps N`` sets the budget to N steps of ``seq_len`` rows. ``--time 30m`` instead gives
+every run the same share of the command's wall time (``compare.timing``: store preparation
+and measuring accounted), each run a timed run that plans its own steps; then equal time,
+not equal tokens, is what is held equal, and the report gives the tokens each run read.
+Runs live in ``DIR/runs/KEY``
 (KEY is the objective, or ``span@prefix_lm`` written ``span-prefix_lm`` for another
 architecture). A finished run whose config matches is reused, one with checkpoints is
 resumed, and a run with another config is an error unless ``overwrite``. Measurements are
@@ -25,18 +29,24 @@ reads only the files this writes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
 from lmobjectives.checkpoint import list_checkpoints
 from lmobjectives.compare.measure import (METRICS, Bench, Subject, measure, measure_key,
                                           read_measure, write_measure)
+from lmobjectives.compare.pilot import pilot_seconds
+from lmobjectives.compare.plan_file import write_plan
+from lmobjectives.compare.shared import shared_store, shared_tokenizer
+from lmobjectives.compare.timing import finish, plan_time, record_run
 from lmobjectives.compare.token_probe import build_token_probe
 from lmobjectives.config import RunConfig, apply_set, build_config
 from lmobjectives.errors import UserError
@@ -45,11 +55,12 @@ from lmobjectives.objectives import OBJECTIVES, build_objective, objective_class
 # Every registered objective, in registry order: a newly added objective is compared too.
 DEFAULT_OBJECTIVES = tuple(OBJECTIVES)
 DEFAULT_OUT = "runs/compare"
+# Measuring is small batches and one-token decoding, where a second thread only waits on a
+# shared machine: measured on a tiny-preset CLM run, 2 cores at load ~5, 9.7 s with one
+# thread against 21.8 s with two (token probes 1.2 s against 12.9 s), ~116 s at load ~7.
+MEASURE_THREADS = 1
 # Three seeds give a first interval (t(0.975, 2) = 4.30); fewer where the budget is tight.
 DEFAULT_SEEDS = 3
-# A store compare prepares itself holds out 10% of the documents (not the 1% of a training
-# store) so the token probes have a few dozen unseen documents of each kind.
-COMPARE_VAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -119,70 +130,38 @@ def _differences(have: Any, want: Any, prefix: str = "") -> list[str]:
     return [] if have == want else [prefix.rstrip(".")]
 
 
-def _shared_store(out: Path, tree: dict[str, Any], corpus: list[str] | None, store: str | None,
-                  overwrite: bool, progress: bool, say: Callable[[str], None]) -> str:
-    """The one store every run trains on: ``store`` as given, or ``corpus`` prepared once."""
-    from lmobjectives.store.prepare import prepare_store
-    from lmobjectives.store.store import TokenStore
-    from lmobjectives.tokenizer import tokenizer_fingerprint
-    from lmobjectives.spec import resolve_tokenizer
-
-    if store is not None:
-        TokenStore(store)  # a clear error now if it is not a store
-        return store
-    corpus = list(corpus or ["default"])
-    tree["data"].setdefault("val_fraction", COMPARE_VAL_FRACTION)
-    cfg = build_config({**copy.deepcopy(tree), "data": {**tree["data"], "corpus": corpus}})
-    tok, _ = resolve_tokenizer(cfg, out)  # the shipped one, --tokenizer, or trained in DIR/tokenizer
-    d, store_dir = cfg.data, out / "store"
-    want = {"corpus": corpus, "val_fraction": d.val_fraction, "seed": cfg.train.seed,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok)}
-    if (store_dir / "manifest.json").is_file():
-        m = TokenStore(store_dir).manifest
-        changed = [k for k, v in want.items() if m.get(k) != v]
-        if not changed:
-            return str(store_dir)
-        if not overwrite:
-            raise UserError(f"{store_dir} was prepared with another {', '.join(changed)}; pass "
-                            "--overwrite to prepare it again (and retrain), or use another --out")
-    say(f"preparing the shared store {store_dir} from {', '.join(corpus)}")
-    prepare_store(corpus, tok, store_dir, val_fraction=d.val_fraction, seed=cfg.train.seed,
-                  encoding=d.encoding, text_field=d.text_field, split=d.split, progress=progress)
-    return str(store_dir)
-
-
 def run_seeds(base: int, n: int) -> list[int]:
     """The seeds of ``n`` repeats: ``base``, ``base + 1``, ..."""
     return [base + i for i in range(n)]
 
 
-def plan_runs(entries: list[Entry], tree: dict[str, Any], budget: int, tokenizer: Any,
-              specials: Any, out: Path, seeds: Sequence[int]) -> list[tuple[Entry, RunConfig, int]]:
-    """(entry, config, row_length) per run and seed, with steps set for an equal token
-    budget; a seed sets model initialisation, data order and objective randomness."""
+def plan_runs(entries: list[Entry], tree: dict[str, Any], budget: int | None, tokenizer: Any,
+              specials: Any, out: Path, seeds: Sequence[int],
+              per_run_s: int | None = None) -> list[tuple[Entry, RunConfig, int]]:
+    """(entry, config, row_length) per run and seed: with ``per_run_s``, a timed run of that
+    many seconds (``compare.timing``); else steps set for an equal budget of ``budget``
+    tokens. A seed sets model initialisation, data order and objective randomness. Runs
+    go seed by seed (every objective once, then again): when the machine's load changes
+    during a comparison, it falls on every objective alike, not on the last ones."""
     plans = []
-    for e in entries:
-        for seed in seeds:
+    for seed in seeds:
+        for e in entries:
             t = copy.deepcopy(tree)
             t["train"] = {**t["train"], "seed": seed}
+            if per_run_s is not None:
+                t["train"]["time"] = f"{per_run_s}s"
             t.update({"objective": e.objective, "out": str(out / "runs" / e.key / f"seed-{seed}")})
             if e.architecture is not None:
                 t["architecture"] = e.architecture
             cfg = build_config(t)
             objective = build_objective(e.objective, {}, specials, tokenizer=tokenizer)
             row = objective.row_length(cfg.data.seq_len)
-            per_step = cfg.train.batch_size * cfg.train.grad_accum * row
-            steps = max(1, round(budget / per_step))
-            plans.append((e, cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})}), row))
+            if per_run_s is None:
+                per_step = cfg.train.batch_size * cfg.train.grad_accum * row
+                steps = max(1, round(budget / per_step))
+                cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+            plans.append((e, cfg, row))
     return plans
-
-
-def _store_summary(store_path: str) -> dict[str, Any]:
-    from lmobjectives.store.store import TokenStore
-
-    m = TokenStore(store_path).manifest
-    return {"corpus": m.get("corpus", []), "documents": m["documents"], "tokens": m["tokens"],
-            "val_documents": m["splits"]["val"]["documents"], "fingerprint": m["fingerprint"]}
 
 
 # ---------------------------------------------------------------------------- training
@@ -233,6 +212,19 @@ def make_bench(store_path: str, tokenizer: Any, specials: Any, cfg: RunConfig, d
                  seq_len=cfg.data.seq_len)
 
 
+@contextlib.contextmanager
+def measuring_threads() -> Iterator[None]:
+    """Measure with ``MEASURE_THREADS`` torch threads, restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(MEASURE_THREADS, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_run(entry: Entry, cfg: RunConfig, bench: Bench, say: Callable[[str], None]) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -277,59 +269,28 @@ def registered(entries: list[Entry], skipped: dict[str, str], say: Callable[[str
     return keep
 
 
-def write_plan(out: Path, shared: RunConfig, budget: int, plans: list[tuple[Entry, RunConfig, int]],
-               result: CompareResult, bench: Bench, command: str | None) -> None:
-    """``DIR/compare.json``: everything the report needs besides the run directories."""
-    from lmobjectives.util import atomic_write_json
-
-    t = shared.train
-    atomic_write_json(out / "compare.json", {
-        "command": command,
-        "preset": shared.model.preset,
-        "seq_len": shared.data.seq_len,
-        "batch_size": t.batch_size,
-        "grad_accum": t.grad_accum,
-        "seed": t.seed,
-        "lr": t.lr,
-        "store": shared.data.store,
-        "data": _store_summary(shared.data.store),
-        "budget_tokens": budget,
-        "seeds": sorted({cfg.train.seed for _, cfg, _ in plans}),
-        # Equal corpus tokens read is the only budget rule this harness has.
-        "budget_rule": "tokens",
-        "runs": [{"label": e.label, "objective": e.objective, "seed": cfg.train.seed,
-                  "run_dir": f"runs/{e.key}/seed-{cfg.train.seed}", "steps": cfg.train.steps,
-                  "row_length": row, "status": result.runs[_run_label(e, cfg)]}
-                 for e, cfg, row in plans],
-        "skipped": result.skipped,
-        "probe": bench.probe if isinstance(bench.probe, str) else bench.probe.describe(),
-        "metrics": [m.describe() for m in METRICS.values()],
-    })
-
-
-def _run_label(e: Entry, cfg: RunConfig) -> str:
-    return f"{e.label} seed {cfg.train.seed}"
-
-
 def _check_sources_and_budget(corpus: Sequence[str] | None, store: str | None,
-                              steps: int | None, tokens: int | None, seeds: int) -> None:
+                              steps: int | None, tokens: int | None, seeds: int,
+                              time_budget: str | None) -> None:
     if corpus and store:
         raise UserError("pass --corpus or --data, not both")
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
+    if time_budget is not None and (steps is not None or tokens is not None):
+        raise UserError("pass --time or --steps/--tokens, not both (equal wall time per run "
+                        "or equal tokens per run)")
+    if time_budget is not None:
+        from lmobjectives.train.budget import parse_duration
+
+        parse_duration(time_budget)  # a clear error before any work
     if steps is not None and tokens is not None:
         raise UserError("pass --steps or --tokens, not both")
     if (steps is not None and steps < 1) or (tokens is not None and tokens < 1):
         raise UserError("--steps and --tokens must be at least 1")
 
 
-def _shared_tokenizer(shared: Any) -> tuple[Any, Any]:
-    """The tokenizer every run shares (the config's, else the store's) and its special ids."""
-    from lmobjectives.tokenizer import load_tokenizer
-    from lmobjectives.tokenizer.special import SpecialIds
-
-    tok = load_tokenizer(shared.data.tokenizer or str(Path(shared.data.store) / "tokenizer"))
-    return tok, SpecialIds.from_vocab(tok.get_vocab(with_added_tokens=True), tok.get_vocab_size())
+def _run_label(e: Entry, cfg: RunConfig) -> str:
+    return f"{e.label} seed {cfg.train.seed}"
 
 
 def compare(
@@ -341,6 +302,7 @@ def compare(
     preset: str = "small",
     steps: int | None = None,
     tokens: int | None = None,
+    time_budget: str | None = None,
     seq_len: int | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
@@ -351,39 +313,81 @@ def compare(
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
+    started_at: float | None = None,
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> CompareResult:
-    """Train (or reuse) ``seeds`` runs per objective under an equal token budget; write the
-    report (every metric as mean ± 95% interval over the seeds)."""
+    """Train (or reuse) ``seeds`` runs per objective under an equal budget — equal tokens
+    (``steps``/``tokens``), or equal wall time (``time_budget``, e.g. "30m", for the whole
+    command, counted from ``started_at``; ``compare.timing``) — and write the report (every
+    metric as mean ± 95% interval over the seeds)."""
     from lmobjectives.report.comparison import write_report
     from lmobjectives.runtime import select_device
 
-    _check_sources_and_budget(corpus, store, steps, tokens, seeds)
+    started_at = time.time() if started_at is None else started_at
+    _check_sources_and_budget(corpus, store, steps, tokens, seeds, time_budget)
     out = Path(out)
     result = CompareResult(out=out)
     entries = registered(parse_objectives(objectives), result.skipped, say)
     tree = base_tree(preset=preset, seq_len=seq_len, batch_size=batch_size, seed=seed, lr=lr,
                      tokenizer=tokenizer, sets=sets)
     out.mkdir(parents=True, exist_ok=True)
-    tree["data"]["store"] = _shared_store(out, tree, list(corpus) if corpus else None, store,
+    tree["data"]["store"] = shared_store(out, tree, list(corpus) if corpus else None, store,
                                           overwrite, progress, say)
     shared = build_config({**tree, "objective": entries[0].objective})
-    tok, specials = _shared_tokenizer(shared)
+    tok, specials = shared_tokenizer(shared)
     t = shared.train
-    budget = tokens if tokens is not None else \
-        (steps or t.steps) * t.batch_size * t.grad_accum * shared.data.seq_len
-    plans = plan_runs(entries, tree, budget, tok, specials, out, run_seeds(t.seed, seeds))
-
-    for e, cfg, row in plans:
-        label = _run_label(e, cfg)
-        say(f"{label}: {cfg.train.steps} steps of {cfg.train.batch_size * cfg.train.grad_accum} "
-            f"rows x {row} tokens")
-        result.runs[label] = train_or_reuse(cfg, overwrite=overwrite, progress=progress, say=say)
-
+    run_seed_list = run_seeds(t.seed, seeds)
+    budget, timing = None, None
+    if time_budget is None:
+        budget = tokens if tokens is not None else \
+            (steps or t.steps) * t.batch_size * t.grad_accum * shared.data.seq_len
+    plans = plan_runs(entries, tree, budget or 1, tok, specials, out, run_seed_list)
+    # Built before training: a timed comparison counts it as setup and times one
+    # measurement on it before splitting the budget.
     bench = make_bench(shared.data.store, tok, specials, shared, select_device())
-    for e, cfg, _ in plans:
-        measure_run(e, cfg, bench, say)
-
-    write_plan(out, shared, budget, plans, result, bench, command)
+    if time_budget is not None:
+        timing = _split_time(out, time_budget, started_at, plans, bench, say)
+        plans = plan_runs(entries, tree, None, tok, specials, out, run_seed_list,
+                          per_run_s=timing["per_run_s"])
+    _train_all(plans, result, timing, out, overwrite, progress, say)
+    measure_began = time.time()
+    with measuring_threads():
+        for e, cfg, _ in plans:
+            measure_run(e, cfg, bench, say)
+    probe = bench.probe
+    if timing is not None:
+        timing = finish(timing, time.time() - measure_began, started_at)
+    runs = [{"label": e.label, "objective": e.objective, "seed": cfg.train.seed,
+             "run_dir": f"runs/{e.key}/seed-{cfg.train.seed}", "steps": cfg.train.steps,
+             "row_length": row, "status": result.runs[_run_label(e, cfg)]}
+            for e, cfg, row in plans]
+    write_plan(out, shared, budget_tokens=budget, timing=timing, runs=runs, seeds=run_seed_list,
+               skipped=result.skipped, probe=probe, command=command)
     result.report_md, result.report_html = write_report(out)
     return result
+
+
+def _split_time(out: Path, time_budget: str, started_at: float,
+                plans: list[tuple[Entry, RunConfig, int]], bench: Bench,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """The equal split of ``time_budget`` across ``plans`` (``compare.timing``)."""
+    with measuring_threads():
+        timing = plan_time(out, time_budget, started_at, [_run_label(e, c) for e, c, _ in plans],
+                           lambda: pilot_seconds(plans[0][1], bench, out / "pilot"))
+    say(f"--time {time_budget}: {timing['per_run_s']} s of wall time per run "
+        f"({len(plans)} runs; {timing['measure_reserve_s']:.0f} s kept for measuring them)")
+    return timing
+
+
+def _train_all(plans: list[tuple[Entry, RunConfig, int]], result: CompareResult,
+               timing: dict[str, Any] | None, out: Path, overwrite: bool, progress: bool,
+               say: Callable[[str], None]) -> None:
+    for e, cfg, row in plans:
+        label = _run_label(e, cfg)
+        rows = cfg.train.batch_size * cfg.train.grad_accum
+        say(f"{label}: " + (f"{cfg.train.time} of wall time, {rows} rows x {row} tokens a step"
+                            if cfg.train.time else f"{cfg.train.steps} steps of {rows} rows x {row} tokens"))
+        began = time.time()
+        result.runs[label] = train_or_reuse(cfg, overwrite=overwrite, progress=progress, say=say)
+        if timing is not None and result.runs[label] != "reused":
+            record_run(out, timing, label, time.time() - began)

@@ -45,7 +45,7 @@ from lmobjectives.objectives import Capabilities, capabilities, objectives_where
 from lmobjectives.objectives.base import Rows
 from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
-MEASURE_VERSION = 4
+MEASURE_VERSION = 5  # 5: measured with one thread (compare.harness)
 # Balanced accuracy of a majority-class guess on a two-class task.
 MAJORITY = 0.5
 FAMILY_TASKS = {f: {t.name for t in TASKS if t.family == f} for f in (LEFT, RIGHT)}
@@ -308,7 +308,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("train_tokens_per_second", "train tokens/s",
            "every run: corpus tokens per second of a training step (objective transform, "
            f"forward, backward; median of {THROUGHPUT_STEPS}), timed back to back after training "
-           "on the same machine; the three families' parameter counts differ", True, 0,
+           "on the same machine with one thread; the three families' parameter counts differ", True, 0,
            _always, _throughput),
     Metric("bits_per_byte", "held-out bits/byte",
            "left-to-right models: nats per UTF-8 byte of the same held-out text, scored "

@@ -175,6 +175,10 @@ def claim_ul2(rows: list[Row]) -> Claim:
     else:
         parts.append(0)
     verdict = combine(parts)
+    if ul2.values.get("bits_per_byte") is None:
+        # The claim is about one model good at both; a model that cannot be scored on
+        # generation leaves it open, whatever its probes say (shown above).
+        verdict = INCONCLUSIVE
     decide = ""
     if verdict == INCONCLUSIVE:
         decide = more_seeds(pairs, _seeds(rows))

@@ -71,8 +71,10 @@ def _header(doc: Doc, plan: dict[str, Any], rows: list[Row]) -> None:
     row_lengths = sorted({r.row_length for r in rows} - {plan["seq_len"]})
     longer = [r.label for r in rows if r.row_length != plan["seq_len"]]
     seeds = plan.get("seeds") or [plan["seed"]]
-    budget = (f"Budget rule: equal corpus tokens read. Every run reads {plan['budget_tokens']:,} corpus tokens from the same store "
-              f"({_data_source(plan)}), preset `{plan['preset']}` for each model family, seq_len "
+    timed = plan.get("budget_rule") == "time"
+    rule = (_time_rule(plan["time"]) + " Every run reads the same store" if timed else
+            f"Budget rule: equal corpus tokens read. Every run reads {plan['budget_tokens']:,} corpus tokens from the same store")
+    budget = (f"{rule} ({_data_source(plan)}), preset `{plan['preset']}` for each model family, seq_len "
               f"{plan['seq_len']}, {plan['batch_size'] * plan['grad_accum']} rows per step, peak "
               f"lr {plan['lr']:g}. Every objective runs once per seed ({len(seeds)} seeds: "
               f"{', '.join(map(str, seeds))}); a seed sets model initialisation, data order and "
@@ -81,15 +83,51 @@ def _header(doc: Doc, plan: dict[str, Any], rows: list[Row]) -> None:
               "for the difference of their means excludes 0, and otherwise the report says \"no "
               "measurable difference\". Tokens are counted as the packed rows the loader serves "
               "(`tokens` in each run's metrics.jsonl, padding at epoch ends included).")
-    if longer:
+    if longer and not timed:
         one = len(longer) == 1
         budget += (f" {', '.join(longer)} {'reads' if one else 'read'} longer rows "
                    f"({', '.join(map(str, row_lengths))} tokens) because {'its' if one else 'their'} "
                    "inputs shrink when spans collapse into sentinels, so "
                    f"{'it takes' if one else 'they take'} fewer steps for the same tokens.")
     doc.add("p", budget)
+    if timed:
+        _time_table(doc, plan, rows)
     if plan.get("skipped"):
         doc.add("p", "Not run: " + "; ".join(f"`{k}` — {v}" for k, v in plan["skipped"].items()) + ".")
+
+
+def _time_rule(t: dict[str, Any]) -> str:
+    """The equal-wall-time rule in words, with the split of the budget (``compare.timing``)."""
+    n = len(t["runs"])
+    text = (f"Budget rule: equal wall time: {t['per_run_s']} s per run. `--time {t['time']}` is "
+            f"the budget of the whole command: {t['setup_s']:.0f} s of setup (store, tokenizer, "
+            f"measuring bench, and one measurement of an untrained model timed at "
+            f"{t['measure_one_s']:.0f} s) had been spent when it was split, "
+            f"{t['measure_reserve_s']:.0f} s ({t['measure_margin']:g} × that measurement per run) "
+            f"were kept for measuring the runs, and the rest was split equally across the {n} "
+            "runs (objectives × seeds). Each run is a timed "
+            "run (`lmobj train --time`): its share counts from its own start, model setup and a "
+            "step-time calibration of its own included, and it plans its steps to end inside it; "
+            "the model size is the same for every objective (one preset, below), so an objective "
+            "whose step costs more reads fewer tokens, listed per run below.")
+    if t.get("measure_s") is not None:
+        text += (f" Measuring took {t['measure_s']:.0f} s (reserved {t['measure_reserve_s']:.0f} s); "
+                 f"the command had used {t['wall_s']:.0f} s of its {t['budget_s']:.0f} s when the "
+                 "report was written.")
+    return text
+
+
+def _time_table(doc: Doc, plan: dict[str, Any], rows: list[Row]) -> None:
+    """Per run: the training wall time it used and the steps and tokens it actually read."""
+    trained = plan["time"].get("trained_s", {})
+    body = []
+    for r in rows:
+        for s in r.seeds or [r]:
+            key = f"{r.label} seed {s.seed}"
+            took = trained.get(key)
+            body.append([r.label, str(s.seed), "reused" if took is None else f"{took:.0f} s",
+                         str(s.steps), f"{s.tokens:,}"])
+    doc.add("table", ["objective", "seed", "training wall time", "steps", "tokens read"], body)
 
 
 def _measured(doc: Doc, rows: list[Row], columns: list[Column]) -> None:

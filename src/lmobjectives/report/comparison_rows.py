@@ -146,7 +146,10 @@ def aggregate(runs: list[Row]) -> list[Row]:
         group = [r for r in runs if r.label == label]
         first = group[0]
         row = Row(label=label, objective=first.objective, architecture=first.architecture,
-                  parameters=first.parameters, steps=first.steps, tokens=first.tokens,
+                  parameters=first.parameters,
+                  # Equal under the token rule; under equal wall time each seed reads its own.
+                  steps=round(statistics.fmean(r.steps for r in group)),
+                  tokens=round(statistics.fmean(r.tokens for r in group)),
                   row_length=first.row_length, status=", ".join(sorted({r.status for r in group})),
                   reasons=dict(first.reasons), extras=dict(first.extras), curve=first.curve,
                   seeds=group)

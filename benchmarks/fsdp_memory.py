@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from proc_memory import status_kib
+
 MiB = 1 << 20
 MODES = ("one", "fsdp-meta", "fsdp-full")
 # glibc raises its mmap threshold to the size of any mmapped block that is freed, after which
@@ -37,17 +39,10 @@ MODES = ("one", "fsdp-meta", "fsdp-full")
 MMAP_THRESHOLD = 1 << 16
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _reset_peak() -> int:
     """Reset the peak resident set to the current one; returns it in KiB."""
     Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS")
+    return status_kib("VmRSS")
 
 
 def measure(mode: str, preset: str, seed: int) -> dict:
@@ -70,7 +65,7 @@ def measure(mode: str, preset: str, seed: int) -> dict:
     else:
         model = build_model(preset, "decoder", specials, max_positions=2048, seed=seed, meta=mode == "fsdp-meta")
         shard_model(model, bf16=False, seed=seed)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     n = count_parameters(model)
     world.close()
     return {"mode": mode, "rank": world.rank, "world_size": world.world_size, "parameters": n,

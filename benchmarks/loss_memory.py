@@ -33,14 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from proc_memory import status_kib
+
 MiB = 1 << 20
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _case(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str):  # noqa: ANN202
@@ -85,13 +80,13 @@ def one(path: str, vocab: int, rows: int, hidden: int, chunks: str, dtype: str, 
         base = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _rss_kib("VmRSS") * 1024
+        base = status_kib("VmRSS") * 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kib("VmHWM") * 1024
     return {"path": path, "vocab": vocab, "rows": rows, "hidden": hidden, "chunks": n, "dtype": dtype,
             "device": device.type, "peak_mib": (peak - base) / MiB, "seconds": min(times),
             "tokens_per_s": rows / min(times)}

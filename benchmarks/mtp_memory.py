@@ -27,14 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from proc_memory import status_kib
+
 MiB = 1 << 20
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def one(n_heads: int, strategy: str, design: str, preset: str, batch: int, seq_len: int, seed: int) -> dict:
@@ -72,14 +67,14 @@ def one(n_heads: int, strategy: str, design: str, preset: str, batch: int, seq_l
         base = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _rss_kib("VmRSS") * 1024
+        base = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     module.forward_backward(tensors, totals)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _rss_kib("VmHWM") * 1024
+        peak = status_kib("VmHWM") * 1024
     seconds = time.perf_counter() - start
     return {"n_heads": n_heads, "strategy": strategy, "design": design, "device": device.type,
             "params_m": params / 1e6, "peak_extra_mib": (peak - base) / MiB, "step_seconds": seconds}

@@ -143,10 +143,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "lmobjectives.cli", *args], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
-    end = time.monotonic() + 240
-    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < end and p.poll() is None:
-        time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    try:
+        end = time.monotonic() + 240
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # a failed or interrupted test leaves no 100,000-step run behind
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert p.returncode == 130 and lines[-1] == "interrupted" and "Traceback" not in err, err[-3000:]

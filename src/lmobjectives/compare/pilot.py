@@ -3,7 +3,7 @@
 Measuring a run for the report (held-out bits/byte, infilling, speculative decoding, token
 probes on the trained model and on the same architecture untrained, a few timed training
 steps) costs about the same whatever the run's training length: on two loaded CPU cores,
-~20 s for a 0.7 M-parameter model, as much as a short run trains. A fixed share of the
+8-11 s for a 0.7 M-parameter model with one thread, as much as a short run trains. A fixed share of the
 budget would be far off, so ``lmobj compare --time`` measures an untrained model of the
 first run's config on the shared bench once, and reserves that time for every run
 (``compare.timing``: an untrained model is the slow case).

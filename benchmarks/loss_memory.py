@@ -15,11 +15,10 @@ path allocates. A case that needs more than ``--limit-gib`` of address space fai
     PYTHONPATH=src python benchmarks/loss_memory.py --interleave 2     # fp32, chunks = auto
     PYTHONPATH=src python benchmarks/loss_memory.py --dtype bf16 --repeats 5   # on a GPU
 
-Measured on a CPU (2 AMD EPYC cores shared with other jobs, load average about 15; fp32; peak
-MiB above the inputs, today / chunked): V = 8 K: 785 / 467 (0.60x, 2 chunks); V = 32 K:
-3089 / 563 (0.18x, 8 chunks); V = 128 K: 12296 / 1203 (0.10x, 32 chunks, measured before
-the nll moved to one log-sum-exp pass). Tokens/s chunked / today, both alternating in one
-process, best of 2: 1.08 at 8 K, 0.91 at 32 K; on so loaded a machine read them as +-15%.
+Measured on a CPU (2 AMD EPYC cores, otherwise idle; fp32; peak MiB above the inputs, today
+/ chunked, ``--interleave 2``): V = 8 K: 786 / 467 (0.59x, 2 chunks); V = 32 K: 3090 / 563
+(0.18x, 8 chunks); V = 128 K: 12306 / 1202 (0.10x, 32 chunks). Tokens/s chunked / today, both
+alternating in one process, best of 2: 0.97 at 8 K, 1.03 at 32 K, 1.06 at 128 K.
 """
 
 from __future__ import annotations

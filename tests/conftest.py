@@ -76,3 +76,12 @@ def two_source_store(tmp_path_factory) -> str:
     prepare_store([str(root / "code"), str(root / "prose")], load_tokenizer(None), out,
                   val_fraction=0.4, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The same arithmetic in every forked run, and no intra-op pool alive across a fork."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

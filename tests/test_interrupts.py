@@ -33,17 +33,6 @@ SRC = Path(__file__).parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The same arithmetic in every forked run, and no intra-op pool alive across a fork."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return ru.write_corpus(tmp_path_factory.mktemp("icorpus") / "c", n_docs=12, words=40)
 

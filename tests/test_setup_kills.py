@@ -34,16 +34,6 @@ N_KILLS = 10
 CHILD_TIMEOUT = 180
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def corpus_args(corpus: Path, out: Path) -> list[str]:
     return ["train", "--objective", "clm", "--preset", "tiny", "--corpus", str(corpus), "--seq-len", "32",
             "--batch-size", "2", "--steps", str(STEPS), "--checkpoint-every", str(EVERY),

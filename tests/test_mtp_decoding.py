@@ -110,6 +110,33 @@ def test_greedy_speculative_equals_plain_greedy(specials, design):
     assert cut.tokens == generate(trained, prompts[0], max_new_tokens=7).tokens and len(cut.tokens) == 7
 
 
+@pytest.mark.parametrize("design", DESIGNS)
+def test_suppressed_tokens_never_come_and_speculative_still_equals_plain(specials, design):
+    """``lmobj generate`` suppresses the reserved tokens; the tokens a model would emit are
+    suppressed here so the mask decides, and both decoders still agree token for token."""
+    model = fit_cycles(tiny_mtp(specials, 4, design, seed=4), specials)
+    prompt = [specials.eos, 300, 301]
+    free = generate(model, prompt, max_new_tokens=20).tokens
+    banned = tuple(sorted(set(free[:4])))
+    plain = generate(model, prompt, max_new_tokens=20, suppress_ids=banned)
+    spec = speculative_generate(model, prompt, max_new_tokens=20, suppress_ids=banned)
+    assert spec.tokens == plain.tokens and not set(banned) & set(plain.tokens)
+    assert plain.tokens[0] != free[0]
+    for seed in range(10):  # sampled, both ways: never a suppressed token
+        for g in (generate(model, prompt, max_new_tokens=8, temperature=1.5, seed=seed, suppress_ids=banned),
+                  speculative_generate(model, prompt, max_new_tokens=8, temperature=1.5, seed=seed,
+                                       suppress_ids=banned)):
+            assert not set(banned) & set(g.tokens)
+
+
+def test_free_text_suppresses_every_reserved_token_but_eos(specials):
+    from lmobjectives.infer.prompts import free_text_suppressed
+
+    ids = free_text_suppressed(specials)
+    assert specials.eos not in ids and specials.fim_middle in ids and specials.nlg in ids
+    assert set(ids) | {specials.eos} == set(specials.all_ids())
+
+
 def test_speculative_stops_at_eos_like_plain(specials):
     model = fit_cycles(tiny_mtp(specials, 3, "parallel", seed=5), specials, steps=40)
     prompt = [specials.eos, 400, 410]
@@ -179,3 +206,31 @@ def test_sampled_speculative_decoding_matches_plain_sampling(specials):
     q = distribution(model.logits(2, model.head_hidden(2, z, ctx))[0, -1], 1.0, 1.0)
     assert 0.5 * (q - want).abs().sum() > 0.3
     assert tv < 0.12, tv  # sampling noise for 8 cells and 500 draws: ~0.05
+
+
+def test_compare_times_an_mtp_run_with_its_own_step(specials, monkeypatch):
+    """``lmobj compare``'s train tokens/s times the step training ran: every MTP head, not
+    the plain next-token step of the same trunk (which read as fast as CLM)."""
+    from types import SimpleNamespace
+
+    from lmobjectives.compare import measure
+    from lmobjectives.step import StandardModule
+
+    model = tiny_mtp(specials, 4, "parallel")
+    rows = Rows.from_tokens(np.random.default_rng(0).integers(200, 500, size=(2, 32)), specials.eos)
+    subject = SimpleNamespace(model=model, architecture="decoder", specials=specials,
+                              transform=MTP(specials=specials, n_heads=4))
+    bench = SimpleNamespace(rows_of=lambda length: rows, device=CPU)
+    calls = {"mtp": 0}
+    real = MTPModule.forward_backward
+
+    def counted(self, *a, **kw):  # noqa: ANN001,ANN002,ANN003,ANN202
+        calls["mtp"] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(MTPModule, "forward_backward", counted)
+    monkeypatch.setattr(StandardModule, "forward_backward",
+                        lambda *a, **kw: pytest.fail("timed the plain next-token step"))
+    out = measure._throughput(subject, bench)
+    assert calls["mtp"] == measure.THROUGHPUT_STEPS + 1
+    assert out["value"] == pytest.approx(rows.tokens.size / out["seconds_per_step"])

@@ -45,7 +45,7 @@ from lmobjectives.objectives import Capabilities, capabilities, objectives_where
 from lmobjectives.objectives.base import Rows
 from lmobjectives.util import atomic_write_json, sha256_file, stable_hash
 
-MEASURE_VERSION = 5  # 5: measured with one thread (compare.harness)
+MEASURE_VERSION = 6  # 5: measured with one thread (compare.harness); 6: MTP timed with its own step
 # Balanced accuracy of a majority-class guess on a two-class task.
 MAJORITY = 0.5
 FAMILY_TASKS = {f: {t.name for t in TASKS if t.family == f} for f in (LEFT, RIGHT)}
@@ -237,13 +237,14 @@ def _throughput(s: Subject, bench: Bench) -> dict[str, Any]:
     """Corpus tokens per second of one training step — objective transform, converter,
     forward, backward (no optimizer update, whose cost only follows the parameter count) —
     timed for every run back to back on the same machine, so the runs' own logs, written
-    at different times under different machine load, are not what is compared."""
+    at different times under different machine load, are not what is compared. The step is
+    the one training ran (``step.step_module``): an MTP model's step scores every head."""
     from lmobjectives.data.converters import convert_for_loss
     from lmobjectives.runtime import to_torch
-    from lmobjectives.step import StandardModule
+    from lmobjectives.step import step_module
 
     rows = bench.rows_of(s.transform.row_length(bench.seq_len))
-    module = StandardModule(s.model, s.architecture)
+    module = step_module(s.model, s.transform, s.architecture, bf16=False)
     was_training = s.model.training
     s.model.train()
     times = []

@@ -7,7 +7,7 @@ from typing import Any
 from lmobjectives.errors import UserError
 from lmobjectives.infer.generate import generate
 from lmobjectives.infer.load import Loaded, load_model
-from lmobjectives.infer.prompts import generation_result, prompt_ids
+from lmobjectives.infer.prompts import free_text_suppressed, generation_result, prompt_ids
 from lmobjectives.objectives import Capabilities, capabilities
 
 
@@ -33,7 +33,8 @@ def generate_text(path: str, prompt: str, *, max_new_tokens: int = 64, temperatu
     ids = prompt_ids(loaded, prompt)
     g = generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
-                 bidirectional_prompt=loaded.architecture == "prefix_lm")
+                 bidirectional_prompt=loaded.architecture == "prefix_lm",
+                 suppress_ids=free_text_suppressed(loaded.specials))
     return generation_result(loaded, g)
 
 

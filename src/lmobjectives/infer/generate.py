@@ -3,7 +3,9 @@
 The KV cache is transformers' own ``DynamicCache``; ``distribution`` is the one sampling
 distribution (temperature, then nucleus) that plain and speculative decoding share;
 ``sample`` turns one position's logits into a token (greedy at temperature 0, else a draw
-from ``distribution`` with an explicit ``torch.Generator``). ``decode_until`` is the one
+from ``distribution`` with an explicit ``torch.Generator``); ``suppress`` takes tokens out
+of the choice first (free text never holds a FIM sentinel or a mode token, so
+``lmobj generate`` suppresses every reserved token but EOS). ``decode_until`` is the one
 decode loop: ``generate`` runs it with a stop-token rule, infilling (``infer/infill.py``)
 with its own stop rules and rungs. ``forward_passes`` counts model calls, the unit
 speculative decoding saves.
@@ -45,6 +47,15 @@ def distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     return probs / probs.sum()
 
 
+def suppress(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """``logits`` (..., V) with the tokens ``ids`` made impossible (a copy; as is when none)."""
+    if not ids:
+        return logits
+    out = logits.clone()
+    out[..., list(ids)] = float("-inf")
+    return out
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """One token from (V,) logits."""
     if temperature <= 0:
@@ -75,14 +86,15 @@ def decode_one(model, token: int, cache):  # noqa: ANN001
 @torch.no_grad()
 def decode_until(start: tuple[torch.Tensor, Any], step: Step, stop: StopRule, *,
                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> Generation:
+                 seed: int = 0, suppress_ids: tuple[int, ...] = ()) -> Generation:
     """Sample from the prefill's logits, then step, until ``stop`` names a reason or
-    ``max_new_tokens`` are out; ``stopped_by`` is that reason or ``"length"``."""
+    ``max_new_tokens`` are out; ``stopped_by`` is that reason or ``"length"``. Tokens in
+    ``suppress_ids`` are never chosen."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits, cache = start
     passes, out = 1, []
     while len(out) < max_new_tokens:
-        tok = sample(logits.cpu(), temperature, top_p, gen)
+        tok = sample(suppress(logits.cpu(), suppress_ids), temperature, top_p, gen)
         out.append(tok)
         reason = stop(out)
         if reason is not None:
@@ -102,7 +114,7 @@ def stop_at(stop_ids: tuple[int, ...]) -> StopRule:
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,  # noqa: ANN001
              top_p: float = 1.0, seed: int = 0, stop_ids: tuple[int, ...] = (),
-             bidirectional_prompt: bool = False) -> Generation:
+             bidirectional_prompt: bool = False, suppress_ids: tuple[int, ...] = ()) -> Generation:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -110,6 +122,7 @@ def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, temperat
         start = prefill(model, torch.tensor(prompt_ids, device=device), bidirectional_prompt)
         return decode_until(start, lambda tok, cache: decode_one(model, tok, cache),
                             stop_at(stop_ids), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed)
+                            temperature=temperature, top_p=top_p, seed=seed,
+                            suppress_ids=suppress_ids)
     finally:
         model.train(was_training)

@@ -17,6 +17,12 @@ def prompt_ids(loaded: Any, prompt: str) -> list[int]:
     return ids or [loaded.specials.eos]
 
 
+def free_text_suppressed(specials: Any) -> tuple[int, ...]:
+    """The reserved tokens free text never holds: every one but EOS (which ends a document).
+    Without this a small model's sample can hold a FIM sentinel it saw in training."""
+    return tuple(t for t in specials.all_ids() if t != specials.eos)
+
+
 def generation_result(loaded: Any, g: Generation) -> dict[str, Any]:
     """What `lmobj generate --json` prints: the text (EOS dropped), the new tokens, the passes."""
     text_ids = [t for t in g.tokens if t != loaded.specials.eos]

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from lmobjectives.infer.generate import Generation, distribution
+from lmobjectives.infer.generate import Generation, distribution, suppress
 from lmobjectives.models.mtp import MTPModel
 
 Pick = Callable[[torch.Tensor], tuple[int, torch.Tensor | None]]
@@ -212,6 +212,7 @@ class Sampler:
     temperature: float
     top_p: float
     gen: torch.Generator
+    suppress_ids: tuple[int, ...] = ()  # never chosen, by the drafts nor the base model
 
     @property
     def greedy(self) -> bool:
@@ -219,6 +220,7 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """A token from (V,) logits, and the distribution it was drawn from (None if greedy)."""
+        logits = suppress(logits, self.suppress_ids)
         if self.greedy:
             return int(logits.argmax()), None
         q = distribution(logits.cpu(), self.temperature, self.top_p)
@@ -227,6 +229,7 @@ class Sampler:
     def accept(self, base: torch.Tensor, drafts: list[int],
                qs: list[torch.Tensor | None]) -> tuple[int, int]:
         """(drafts accepted, next token) from the base model's (len(drafts) + 1, V) logits."""
+        base = suppress(base, self.suppress_ids)
         if self.greedy:
             return accept_greedy(base, drafts)
         p_rows = torch.stack([distribution(row, self.temperature, self.top_p) for row in base.cpu()])
@@ -258,13 +261,16 @@ def verify_step(drafter: Drafter, next_tok: int, n_drafts: int, sampler: Sampler
 @torch.no_grad()
 def speculative_generate(model: MTPModel, prompt_ids: list[int], *, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                         stop_ids: tuple[int, ...] = (), max_drafts: int | None = None) -> Generation:
+                         stop_ids: tuple[int, ...] = (), max_drafts: int | None = None,
+                         suppress_ids: tuple[int, ...] = ()) -> Generation:
     """Decode with drafts from the extra heads, verified by the base model. Greedy output is
     plain greedy decoding's; sampled output has the base model's distribution.
-    ``max_drafts`` uses only the first heads (Gloeckle Table S2's "heads used")."""
+    ``max_drafts`` uses only the first heads (Gloeckle Table S2's "heads used");
+    ``suppress_ids`` as in plain decoding (``generate.suppress``), so outputs stay equal."""
     was_training = model.training
     model.eval()
-    sampler = Sampler(temperature, top_p, torch.Generator(device="cpu").manual_seed(seed))
+    sampler = Sampler(temperature, top_p, torch.Generator(device="cpu").manual_seed(seed),
+                      suppress_ids)
     drafter = ParallelDrafter(model) if model.spec.head_design == "parallel" else SequentialDrafter(model)
     n_drafts = model.n_heads - 1 if max_drafts is None else max(0, min(max_drafts, model.n_heads - 1))
     stats = Acceptance(proposed=[0] * n_drafts, accepted=[0] * n_drafts)
@@ -294,14 +300,15 @@ def speculative_text(loaded, prompt: str, *, max_new_tokens: int = 64, temperatu
     """``lmobj generate --speculative`` on a loaded run (``infer.load.Loaded``); the caller,
     ``infer.api.generate_text``, has checked the sampling options."""
     from lmobjectives.errors import UserError
-    from lmobjectives.infer.prompts import generation_result, prompt_ids
+    from lmobjectives.infer.prompts import free_text_suppressed, generation_result, prompt_ids
 
     if not isinstance(loaded.model, MTPModel):
         raise UserError(f"{loaded.path} has no multi-token-prediction heads (no mtp_heads.json); "
                         "--speculative needs a model trained with --objective mtp")
     ids = prompt_ids(loaded, prompt)
     g = speculative_generate(loaded.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,))
+                             top_p=top_p, seed=seed, stop_ids=(loaded.specials.eos,),
+                             suppress_ids=free_text_suppressed(loaded.specials))
     return {**generation_result(loaded, g),
             "acceptance_per_head": g.extras["acceptance"],
             "tokens_per_forward": g.extras["tokens_per_forward"],

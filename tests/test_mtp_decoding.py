@@ -220,7 +220,7 @@ def test_compare_times_an_mtp_run_with_its_own_step(specials, monkeypatch):
     rows = Rows.from_tokens(np.random.default_rng(0).integers(200, 500, size=(2, 32)), specials.eos)
     subject = SimpleNamespace(model=model, architecture="decoder", specials=specials,
                               transform=MTP(specials=specials, n_heads=4))
-    bench = SimpleNamespace(rows_of=lambda length: rows, device=CPU)
+    bench = SimpleNamespace(rows_of=lambda length: rows, device=CPU, seq_len=32)
     calls = {"mtp": 0}
     real = MTPModule.forward_backward
 

@@ -142,13 +142,19 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     args = ru.tiny_args(store, tmp_path / "run", 100000, every=0)
     p = subprocess.Popen([sys.executable, "-m", "lmobjectives.cli", *args], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+                              "PYTHONFAULTHANDLER": "1"})
     try:
         end = time.monotonic() + 240
         while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < end and p.poll() is None:
             time.sleep(0.1)
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler dumps every thread
+            p.send_signal(signal.SIGABRT)
+            _, err = p.communicate(timeout=60)
+            pytest.fail("still running 120 s after SIGINT; its threads at SIGABRT:\n" + err[-8000:])
     finally:
         p.kill()  # a failed or interrupted test leaves no 100,000-step run behind
     lines = [ln for ln in err.splitlines() if ln.strip()]

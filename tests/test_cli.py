@@ -143,7 +143,10 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "lmobjectives.cli", *args], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
-                              "PYTHONFAULTHANDLER": "1"})
+                              "PYTHONFAULTHANDLER": "1"},
+                         # A shell's background job ignores SIGINT, and a child inherits that:
+                         # give the run the disposition an interactive command has.
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         end = time.monotonic() + 240
         while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < end and p.poll() is None:

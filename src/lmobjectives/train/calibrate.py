@@ -175,7 +175,7 @@ def calibrate(cfg: RunConfig, run_dir: Path, plan_seconds: Callable[[], float], 
                         for m in measured))
         say(f"chose {chosen['shape']} ({chosen['parameters'] / 1e6:.2f} M parameters): lowest predicted "
             f"loss for {chosen['planned_tokens'] / 1e6:.2f} M tokens in {format_seconds(seconds)} "
-            f"({ratio:.0f} tokens per parameter; compute-optimal is ~{TOKENS_PER_PARAMETER}, "
+            f"({ratio:.{2 if ratio < 10 else 0}f} tokens per parameter; compute-optimal is ~{TOKENS_PER_PARAMETER}, "
             f"Hoffmann et al. 2022); {chosen['threads']} thread(s)")
     return cfg, record
 
